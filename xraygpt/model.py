@@ -155,13 +155,19 @@ class XrayGPT(nn.Module):
 
     # ---------------------------------------------------------------------------------------- training
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None,
-                pixel_values: torch.Tensor | None = None, image_features: torch.Tensor | None = None, **_: Any):
-        """Returns the LLM's output; `.loss` is the mean next-token loss over answer tokens."""
+                pixel_values: torch.Tensor | None = None, image_features: torch.Tensor | None = None,
+                num_items_in_batch: torch.Tensor | int | None = None, **_: Any):
+        """Returns the LLM's output; `.loss` is the mean next-token loss over answer tokens.
+
+        With `num_items_in_batch` the loss is the token-loss *sum* divided by that count instead, so gradient
+        accumulation and several processes can normalise by the answer tokens of the whole global batch.
+        """
         image_embeds = self.encode_images(pixel_values, image_features)
         inputs_embeds = self.merge_image_features(input_ids, image_embeds)
         device = inputs_embeds.device
+        extra = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
         return self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask.to(device),
-                        labels=None if labels is None else labels.to(device), use_cache=False)
+                        labels=None if labels is None else labels.to(device), use_cache=False, **extra)
 
     # -------------------------------------------------------------------------------------- generation
     @torch.no_grad()

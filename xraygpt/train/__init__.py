@@ -1,0 +1,1 @@
+"""The training recipe: config, batches, optimizer, schedule, checkpoints, feature cache, loop."""

@@ -1,0 +1,110 @@
+"""Step checkpoints that are complete or absent, never half-written.
+
+    <output_dir>/checkpoints/step_000100/   model.safetensors + xraygpt_config.json (the trained projection)
+                                            accelerator/  optimizer, scheduler, RNG states (accelerate.save_state)
+                                            trainer_state.json  step, epoch, best validation loss
+    <output_dir>/checkpoints/latest         text: name of the newest complete step dir (written atomically)
+
+A step dir is written under a temp name and renamed into place, so a kill during a save leaves only a
+`.tmp-*` folder that the next run deletes; `latest` is updated after the rename.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from xraygpt.config import atomic_write_text
+
+STEP_RE = re.compile(r"^step_(\d{6,})$")
+LATEST = "latest"
+STATE_NAME = "trainer_state.json"
+
+
+@dataclass
+class TrainerState:
+    step: int = 0  # optimizer steps done
+    best_val_loss: float | None = None
+    best_step: int | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__, indent=2) + "\n"
+
+
+def checkpoints_dir(output_dir: Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def complete_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete step dirs, oldest first."""
+    root = checkpoints_dir(output_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and STEP_RE.match(p.name) and (p / STATE_NAME).is_file()]
+    return sorted(found, key=lambda p: int(STEP_RE.match(p.name).group(1)))
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    """The `latest` pointer if it names a complete dir, else the newest complete dir."""
+    root = checkpoints_dir(output_dir)
+    pointer = root / LATEST
+    if pointer.is_file():
+        candidate = root / pointer.read_text().strip()
+        if (candidate / STATE_NAME).is_file():
+            return candidate
+    done = complete_checkpoints(output_dir)
+    return done[-1] if done else None
+
+
+def clean_partial(output_dir: Path) -> list[Path]:
+    """Delete temp dirs left by a run killed mid-save."""
+    root = checkpoints_dir(output_dir)
+    removed = []
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith(".tmp-"):
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+    return removed
+
+
+def begin_checkpoint(output_dir: Path, step: int) -> Path:
+    """A fresh temp dir for the step's files (`accelerate.save_state` writes into it from every process)."""
+    root = checkpoints_dir(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".tmp-{step_dir_name(step)}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
+
+
+def commit_checkpoint(output_dir: Path, state: TrainerState, tmp: Path, keep_last: int,
+                      protect: set[str] = frozenset()) -> Path:
+    """Mark the temp dir complete, rename it into place, move `latest`, prune old step dirs."""
+    root = checkpoints_dir(output_dir)
+    final = root / step_dir_name(state.step)
+    atomic_write_text(tmp / STATE_NAME, state.to_json())  # last file: marks the dir complete
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    atomic_write_text(root / LATEST, final.name + "\n")
+    prune(output_dir, keep_last, set(protect) | {final.name})
+    return final
+
+
+def prune(output_dir: Path, keep_last: int, protect: set[str]) -> None:
+    done = complete_checkpoints(output_dir)
+    for p in done[: max(0, len(done) - keep_last)]:
+        if p.name not in protect:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def read_state(checkpoint: Path) -> TrainerState:
+    return TrainerState(**json.loads((checkpoint / STATE_NAME).read_text()))

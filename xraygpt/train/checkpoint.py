@@ -1,7 +1,7 @@
 """Step checkpoints that are complete or absent, never half-written.
 
     <output_dir>/checkpoints/step_000100/   model.safetensors + xraygpt_config.json (the trained projection)
-                                            accelerator/  optimizer, scheduler, RNG states (accelerate.save_state)
+                                            training_state.pt  optimizer + scheduler; rng_<rank>.pt per process
                                             trainer_state.json  step, epoch, best validation loss
     <output_dir>/checkpoints/latest         text: name of the newest complete step dir (written atomically)
 
@@ -12,8 +12,11 @@ A step dir is written under a temp name and renamed into place, so a kill during
 from __future__ import annotations
 
 import json
+import random
 import re
 import shutil
+
+import torch
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,3 +111,29 @@ def prune(output_dir: Path, keep_last: int, protect: set[str]) -> None:
 
 def read_state(checkpoint: Path) -> TrainerState:
     return TrainerState(**json.loads((checkpoint / STATE_NAME).read_text()))
+
+
+def save_training_state(folder: Path, optimizer, scheduler, rank: int, is_main: bool) -> None:
+    """Optimizer/scheduler (main process) and this process's RNG states; plain tensors, loadable weights_only."""
+    folder = Path(folder)
+    if is_main:
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+                   folder / "training_state.pt")
+    rng = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+           "python_version": random.getstate()[0], "python_gauss": random.getstate()[2]}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save(rng, folder / f"rng_{rank}.pt")
+
+
+def load_training_state(folder: Path, optimizer, scheduler, rank: int) -> None:
+    state = torch.load(Path(folder) / "training_state.pt", map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    rng_file = Path(folder) / f"rng_{rank}.pt"
+    if rng_file.is_file():  # absent when resuming with more processes than saved: fresh RNG is fine
+        rng = torch.load(rng_file, map_location="cpu", weights_only=True)
+        torch.set_rng_state(rng["torch"])
+        random.setstate((rng["python_version"], tuple(rng["python"]), rng["python_gauss"]))
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])

@@ -65,6 +65,7 @@ class RunConfig:
     keep_last: int = 2  # step checkpoints kept besides the best
     resume: str = "never"  # never | auto | <checkpoint dir>
     init_from: str | None = None  # stage 2: stage-1 output dir / model dir / original .pth
+    stop_after: int | None = None  # stop (with a checkpoint) after this many steps in this invocation: time-sliced jobs
     feature_cache: bool = False  # precompute frozen-encoder outputs once (eval transform)
     feature_cache_dir: str | None = None  # default: $XRAYGPT_CACHE/features
     progress: bool = True  # tqdm bar

@@ -118,7 +118,8 @@ class Trainer:
         o = cfg.optim
         self.scheduler = build_scheduler(self.optimizer, init_lr=o.init_lr, min_lr=o.min_lr, warmup_lr=o.warmup_lr,
                                          warmup_steps=o.warmup_steps, total_steps=cfg.run.max_steps)
-        self.model, self.optimizer, self.scheduler = acc.prepare(self.model, self.optimizer, self.scheduler)
+        # The scheduler stays outside accelerate: prepared, it would step once per process per call.
+        self.model, self.optimizer = acc.prepare(self.model, self.optimizer)
         self.state = ckpt.TrainerState()
         self._resume()
         self.logger = MetricsLogger(self.output_dir, cfg, enabled=self.is_main, resume_step=self.state.step)
@@ -137,7 +138,8 @@ class Trainer:
             return
         if not (target / ckpt.STATE_NAME).is_file():
             raise TrainingError(f"run.resume={cfg.run.resume}: {target} is not a complete checkpoint")
-        self.accelerator.load_state(str(target / "accelerator"))
+        self._unwrapped().load_trainable(target / "model.safetensors")
+        ckpt.load_training_state(target, self.optimizer, self.scheduler, self.accelerator.process_index)
         self.state = ckpt.read_state(target)
         if self.is_main:
             log.info("resumed from %s (step %d)", target, self.state.step)
@@ -211,7 +213,8 @@ class Trainer:
         if self.is_main:
             tmp = ckpt.begin_checkpoint(self.output_dir, self.state.step)
         acc.wait_for_everyone()
-        acc.save_state(str(tmp / "accelerator"))  # optimizer, scheduler, every process's RNG state
+        # Only trainable state: optimizer, scheduler, each process's RNG (never the frozen LLM's weights).
+        ckpt.save_training_state(tmp, self.optimizer, self.scheduler, acc.process_index, acc.is_main_process)
         acc.wait_for_everyone()
         if self.is_main:
             self._unwrapped().save_pretrained(tmp)
@@ -230,15 +233,16 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         cfg, acc = self.cfg, self.accelerator
         start, end = self.state.step, cfg.run.max_steps
+        stop = end if cfg.run.stop_after is None else min(end, start + cfg.run.stop_after)
         if self.is_main:
             save_config(cfg, self.output_dir / "config.yaml")
         self.logger.start(self.param_counts, self.plan)
         micro_per_step = cfg.run.grad_accum
-        loader = iter(self._loader(start, end))
+        loader = iter(self._loader(start, stop))
         t0 = time.perf_counter()
         samples_done = 0
         last_val = None
-        for step in range(start, end):
+        for step in range(start, stop):
             micro = [next(loader) for _ in range(micro_per_step)]
             lr = self.scheduler.get_last_lr()[0]
             loss = self.train_step(micro)
@@ -256,10 +260,10 @@ class Trainer:
                 if self.state.best_val_loss is None or last_val < self.state.best_val_loss:
                     self.state.best_val_loss, self.state.best_step = last_val, self.state.step
                     self.save_model("best")
-            if is_last or (cfg.run.save_every and self.state.step % cfg.run.save_every == 0):
+            if is_last or self.state.step == stop or (cfg.run.save_every and self.state.step % cfg.run.save_every == 0):
                 self.save_checkpoint()
-        final = self.save_model("final")
-        summary = {"steps": self.state.step, "final_dir": str(final), "best_val_loss": self.state.best_val_loss,
+        final = self.save_model("final") if self.state.step == end else None
+        summary = {"steps": self.state.step, "final_dir": str(final) if final else None, "best_val_loss": self.state.best_val_loss,
                    "best_step": self.state.best_step, "last_val_loss": last_val,
                    "train_seconds": time.perf_counter() - t0, "samples_per_s": samples_done / max(time.perf_counter() - t0, 1e-9),
                    "params": self.param_counts}

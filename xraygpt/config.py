@@ -168,6 +168,9 @@ def atomic_write_text(path: str | Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results are shared on clusters
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -13,15 +13,14 @@ import logging
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from xraygpt.conversation import DEFAULT_INSTRUCTION, default_prompt_file, pick_instruction, read_prompt_file
 from xraygpt.data.dataset import CaptionDataset
 from xraygpt.data.image_processing import ImageTransform
-from xraygpt.model import GenerationConfig, ModelConfig, XrayGPT
 from xraygpt.eval.predictions import append_predictions, done_ids
+from xraygpt.model import GenerationConfig, ModelConfig, XrayGPT
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ contiguous slice of it. The same global batch is therefore seen whatever the pro
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 

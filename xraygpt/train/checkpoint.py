@@ -15,10 +15,10 @@ import json
 import random
 import re
 import shutil
-
-import torch
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from xraygpt.config import atomic_write_text
 

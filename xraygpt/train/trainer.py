@@ -12,9 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -231,7 +229,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ loop
     def fit(self) -> dict[str, Any]:
-        cfg, acc = self.cfg, self.accelerator
+        cfg = self.cfg
         start, end = self.state.step, cfg.run.max_steps
         stop = end if cfg.run.stop_after is None else min(end, start + cfg.run.stop_after)
         if self.is_main:

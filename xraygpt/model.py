@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -88,10 +89,10 @@ class XrayGPT(nn.Module):
 
     # ----------------------------------------------------------------------------------------- building
     @classmethod
-    def from_config(cls, config: ModelConfig) -> "XrayGPT":
+    def from_config(cls, config: ModelConfig) -> XrayGPT:
         return cls(config)
 
-    def train(self, mode: bool = True) -> "XrayGPT":
+    def train(self, mode: bool = True) -> XrayGPT:
         """Only the projection ever trains; the frozen parts stay in eval mode (no dropout)."""
         super().train(mode)
         self.encoder.eval()
@@ -228,7 +229,7 @@ class XrayGPT(nn.Module):
         return directory
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, **components: Any) -> "XrayGPT":
+    def from_pretrained(cls, directory: str | Path, **components: Any) -> XrayGPT:
         """Rebuild from `save_pretrained` output, or from an original XrayGPT `.pth` plus a config."""
         directory = Path(directory)
         config_file = directory / CONFIG_NAME

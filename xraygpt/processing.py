@@ -12,8 +12,8 @@ training and in generation. Training pads on the right, generation on the left.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 

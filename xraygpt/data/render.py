@@ -26,7 +26,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from xraygpt.data.mesh import MeshFinding
 
-RENDER_VERSION = "1"  # bump whenever the pixels for a given report would change
+RENDER_VERSION = "2"  # bump whenever the pixels for a given report would change
 DEFAULT_SIZE = 256
 
 RIGHT, LEFT = -1, 1  # patient's right lung is drawn on the image's left
@@ -498,7 +498,7 @@ def _draw_spine(cv: Canvas, d: ImageDraw.ImageDraw) -> None:
                     bx = xc + side * hw
                     sgn = -1 if yy == y0 else 1
                     d.polygon([cv.to_px(bx, yy - sgn * 0.012), cv.to_px(bx + side * size, yy + sgn * 0.006),
-                               cv.to_px(bx, yy + sgn * 0.002)], fill=255)  # fmt: skip
+                               cv.to_px(bx, yy + sgn * 0.002)], fill=175)  # fmt: skip
 
 
 def _rib_points(cv: Canvas, side: int, i: int, n: int = 24) -> list[tuple[float, float]]:
@@ -530,10 +530,16 @@ def _draw_ribs(cv: Canvas, d: ImageDraw.ImageDraw) -> None:
                 lat = [(x, y + 0.012) for x, y in lat]  # step-off of the lateral fragment
                 d.line([cv.to_px(*p) for p in med], fill=70, width=width, joint="curve")
                 d.line([cv.to_px(*p) for p in lat], fill=70, width=width, joint="curve")
-                # fusiform callus (healed) or overlapping displaced ends (acute), along the rib
-                (ax, ay), (bx, by) = pts[max(k - 2, 0)], pts[min(k + 2, len(pts) - 1)]
-                thick = 1.2 if pt.healed else 0.8
-                d.line([cv.to_px(ax, ay), cv.to_px(bx, by + 0.012)], fill=220, width=cv.w(pt.rib_w * (1 + thick)))
+                # healed: a fusiform callus swelling the rib around the break; acute: overlapping ends
+                seg = pts[max(k - 4, 0) : k + 5]
+                bulge = 1.0 if pt.healed else 0.35
+                upper, lower = [], []
+                for j, (x, y) in enumerate(seg):
+                    s = j / max(len(seg) - 1, 1)
+                    half = 0.5 * pt.rib_w * (1 + bulge * math.sin(math.pi * s)) + 0.006 * s
+                    upper.append(cv.to_px(x, y - half + 0.012 * s))
+                    lower.append(cv.to_px(x, y + half + 0.012 * s))
+                d.polygon(upper + lower[::-1], fill=190 if pt.healed else 150)
             # anterior rib: fainter, from the lateral wall running medially downward
             x_end, y_end = pts[-1]
             ant = [(x_end - side * 0.22 * v, y_end + 0.03 + 0.07 * v - 0.04 * v * v) for v in np.linspace(0, 1, 10)]
@@ -723,7 +729,7 @@ def _sign_nodule(cv: Canvas, f: MeshFinding, variant: str) -> None:
     for side in sides:
         n = int(rng.integers(2, 5)) if many else 1
         if variant == "calcified" and not many:
-            n = int(rng.integers(1, 3))
+            n = int(rng.integers(2, 4))
         for _ in range(n):
             x, y = cv.point_in(side, zones)
             if variant == "mass":
@@ -734,10 +740,10 @@ def _sign_nodule(cv: Canvas, f: MeshFinding, variant: str) -> None:
                 cv.extra += 0.22 * m
                 cv.fill = np.maximum(cv.fill, m * cv.lung(side))
             elif variant == "calcified":
-                r = rng.uniform(0.011, 0.015)
-                cv.extra += 0.42 * _soft(np.hypot(cv.X - x, cv.Y - y) - r, 0.0025)
+                r = rng.uniform(0.013, 0.018)
+                cv.extra += 0.48 * _soft(np.hypot(cv.X - x, cv.Y - y) - r, 0.0025)
             else:
-                r = _sev(f, (0.016, 0.016, 0.024, 0.03), 0.022)
+                r = _sev(f, (0.018, 0.018, 0.026, 0.032), 0.025)
                 m = _soft(np.hypot(cv.X - x, cv.Y - y) - r, 0.003)
                 cv.extra += 0.18 * m
                 cv.fill = np.maximum(cv.fill, m * cv.lung(side))
@@ -836,11 +842,11 @@ def _sign_device(cv: Canvas, f: MeshFinding, variant: str) -> None:
             cx, cy = cv.point_in(_sides(f, rng)[0], _zones_of(f, ["whole"]))
         for _ in range(int(rng.integers(3, 7))):
             x, y, a = cx + rng.normal(0, 0.03), cy + rng.normal(0, 0.03), rng.uniform(0, math.pi)
-            dx, dy = 0.012 * math.cos(a), 0.012 * math.sin(a)
-            _curve(cv, [(x - dx, y - dy), (x + dx, y + dy)], 240, 0.007)
+            dx, dy = 0.018 * math.cos(a), 0.018 * math.sin(a)
+            _curve(cv, [(x - dx, y - dy), (x + dx, y + dy)], 250, 0.01)
     elif variant == "et_tube":
         for dx in (-0.007, 0.007):
-            _curve(cv, [(pt.cx + dx, 0.0), (pt.cx + dx, pt.apex + 0.10)], 170, 0.006)
+            _curve(cv, [(pt.cx + dx, 0.0), (pt.cx + dx, pt.apex + 0.10)], 220, 0.007)
         _curve(cv, [(pt.cx - 0.01, pt.apex + 0.10), (pt.cx + 0.01, pt.apex + 0.10)], 230, 0.008)
     elif variant == "ng_tube":
         stomach = (pt.cx + 0.17, pt.dome[LEFT] + 0.10)
@@ -869,10 +875,10 @@ def _sign_device(cv: Canvas, f: MeshFinding, variant: str) -> None:
             sx, sy = hx + 0.2 * ha, hy - 0.2 * hb
         a = rng.uniform(0.3, 1.2)
         for k in range(5):
-            o = (k - 2) * 0.007
-            p0 = (sx - 0.02 * math.cos(a) + o * math.sin(a), sy - 0.02 * math.sin(a) - o * math.cos(a))
-            p1 = (sx + 0.02 * math.cos(a) + o * math.sin(a), sy + 0.02 * math.sin(a) - o * math.cos(a))
-            _curve(cv, [p0, p1], 200, 0.004)
+            o = (k - 2) * 0.009
+            p0 = (sx - 0.03 * math.cos(a) + o * math.sin(a), sy - 0.03 * math.sin(a) - o * math.cos(a))
+            p1 = (sx + 0.03 * math.cos(a) + o * math.sin(a), sy + 0.03 * math.sin(a) - o * math.cos(a))
+            _curve(cv, [p0, p1], 230, 0.006)
     else:  # "port" and anything generic
         side = _sides(f, rng, default="right")[0]
         start = (pt.cx + side * 0.2, pt.apex + 0.12)

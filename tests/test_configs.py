@@ -28,6 +28,14 @@ def schema_for(path: Path):
         return EncoderPretrainConfig
     if rel.endswith("eval.yaml"):
         return EvalConfig
+    if rel == "judge.yaml":
+        from xraygpt.eval.judge import JudgeConfig
+
+        return JudgeConfig
+    if rel.startswith("llm/"):
+        from xraygpt.llm_finetune.config import FinetuneConfig
+
+        return FinetuneConfig
     if rel.startswith("accelerate/"):
         return None
     return TrainConfig

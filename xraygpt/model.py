@@ -211,6 +211,22 @@ class XrayGPT(nn.Module):
         """Cut at the end marker (a new turn starts with it too)."""
         return text.split(self.template.end_sym)[0].strip()
 
+    # --------------------------------------------------------------------------------------- inference api
+    def summarize(self, images: Any, batch_size: int = 8, **kwargs: Any) -> str | list[str]:
+        """Summaries of films (paths, PIL images, pixel tensors): a str for one film, a list for a list.
+
+        Thin wrapper over `xraygpt.inference.summarize` (question=, progress=, generation settings as keywords).
+        """
+        from xraygpt.inference import summarize
+
+        return summarize(self, images, batch_size=batch_size, **kwargs)
+
+    def chat(self, image: Any, **kwargs: Any):
+        """A `xraygpt.chat.Conversation` about one film: `conv = model.chat(path); conv.ask("...")`."""
+        from xraygpt.chat import Conversation
+
+        return Conversation(self, image, **kwargs)
+
     # -------------------------------------------------------------------------------------- save / load
     def save_pretrained(self, directory: str | Path) -> Path:
         """Trainable weights (safetensors) + the config that rebuilds the frozen parts."""

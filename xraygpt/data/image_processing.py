@@ -79,7 +79,8 @@ def _load_dicom(path: Path) -> Image.Image:
     try:
         import pydicom
     except ImportError as e:
-        raise ImportError(f"{path} is a DICOM file; reading DICOM needs pydicom: pip install pydicom") from e
+        raise ImportError(f"{path} is a DICOM file; reading DICOM needs the 'dicom' extra: "
+                          f"pip install 'xraygpt[dicom]' (or pip install pydicom)") from e
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     try:

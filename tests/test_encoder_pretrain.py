@@ -1,0 +1,182 @@
+"""Stage 0 (MedCLIP-style encoder pretraining): the loss on hand-made values, and a short real run.
+
+The short run builds the embedded dataset for the first 80 IU reports (real reports, rendered films) in a
+temp folder, trains xray-vit-tiny for a few steps, and checks the loss falls, the checkpoint loads through
+the encoder registry with identical features, and a rerun reuses it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from xraygpt.config import ConfigError, load_config
+from xraygpt.encoders import EncoderConfig, build_encoder
+from xraygpt.encoders.pretrain import (
+    CHECKPOINT_NAME,
+    META_NAME,
+    EncoderPretrainConfig,
+    auroc,
+    batch_order,
+    contrastive_loss,
+    encode_text,
+    evaluate_encoder,
+    pretrain_encoder,
+    semantic_similarity,
+    semantic_targets,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+STAGE0_YAML = REPO / "configs" / "demo" / "stage0_encoder.yaml"
+
+
+# ---------------------------------------------------------------------------------------------- loss, exact
+def test_semantic_targets_exact_values():
+    labels = torch.tensor([
+        [1, 0, 0],  # two identical "normal" pairs: they share their mass equally
+        [1, 0, 0],
+        [0, 1, 1],  # overlaps row 3 with cosine 1/sqrt(2)
+        [0, 1, 0],
+        [0, 0, 0],  # unlabelled: matches only itself
+    ], dtype=torch.float32)  # fmt: skip
+    a, b = 2 - math.sqrt(2), math.sqrt(2) - 1  # 1 / (1 + 1/sqrt2) and (1/sqrt2) / (1 + 1/sqrt2)
+    expected = torch.tensor([
+        [0.5, 0.5, 0, 0, 0],
+        [0.5, 0.5, 0, 0, 0],
+        [0, 0, a, b, 0],
+        [0, 0, b, a, 0],
+        [0, 0, 0, 0, 1],
+    ])  # fmt: skip
+    got = semantic_targets(labels)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-7)
+    torch.testing.assert_close(got.sum(1), torch.ones(5), rtol=0, atol=1e-7)
+
+
+def test_contrastive_loss_exact_values():
+    feats = torch.eye(4)  # image i and report i identical unit vectors: logits = scale * I
+    e = math.e
+    # identity targets: -log softmax of the diagonal = log(e + 3) - 1, in both directions
+    plain = contrastive_loss(feats, feats, torch.tensor(1.0))
+    assert plain.item() == pytest.approx(math.log(e + 3) - 1, abs=1e-6)
+    # semantic targets: every row sums to 1, so each direction costs mean_i(L - t_ii) with L = log(e + 3);
+    # the label similarity is symmetric, so both directions see the same targets
+    labels = torch.tensor([[1.0, 0], [1, 0], [0, 1], [1, 1]])
+    t, sim = semantic_targets(labels), semantic_similarity(labels)
+    torch.testing.assert_close(sim, sim.T, rtol=0, atol=0)
+    s = 1 / math.sqrt(2)  # cosine of [1, 1] with [1, 0] and with [0, 1]
+    assert t[0].tolist() == pytest.approx([1 / (2 + s), 1 / (2 + s), 0, s / (2 + s)], abs=1e-7)
+    diag = [1 / (2 + s), 1 / (2 + s), 1 / (1 + s), 1 / (1 + 3 * s)]
+    expected = math.log(e + 3) - sum(diag) / 4
+    assert contrastive_loss(feats, feats, torch.tensor(1.0), sim).item() == pytest.approx(expected, abs=1e-6)
+    # a uniform logit matrix costs log(B) whatever the targets
+    zeros = torch.zeros(4, 4)
+    assert contrastive_loss(zeros, zeros, torch.tensor(1.0), sim).item() == pytest.approx(math.log(4), abs=1e-6)
+    with pytest.raises(ValueError, match="positive diagonal"):
+        contrastive_loss(feats, feats, torch.tensor(1.0), torch.zeros(4, 4))
+
+
+def test_auroc_exact_with_ties():
+    assert auroc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == pytest.approx(0.75)
+    assert auroc([0.5, 0.5, 0.5, 0.5], [0, 1, 0, 1]) == pytest.approx(0.5)
+    assert auroc([1.0, 2.0], [1, 1]) is None
+
+
+def test_batch_order_full_disjoint_seeded():
+    lengths = torch.randint(5, 100, (50,), generator=torch.Generator().manual_seed(1))
+    a = batch_order(lengths, 8, 2, torch.Generator().manual_seed(0))
+    b = batch_order(lengths, 8, 2, torch.Generator().manual_seed(0))
+    assert [x.tolist() for x in a] == [x.tolist() for x in b]
+    assert len(a) == 6 and all(len(x) == 8 for x in a)  # 50 // 8 full batches, the last 2 dropped
+    flat = torch.cat(a).tolist()
+    assert len(set(flat)) == 48
+
+
+# ---------------------------------------------------------------------------------------------- config
+def test_demo_config_loads_and_points_where_later_stages_read():
+    cfg = load_config(EncoderPretrainConfig, STAGE0_YAML)
+    assert cfg.model.name == "xray-vit-tiny" and cfg.data.embedded and cfg.loss.semantic
+    assert Path(cfg.run.output_dir) / CHECKPOINT_NAME == Path("outputs/demo/stage0/encoder.safetensors")
+    assert STAGE0_YAML.read_text().startswith("#") and "scripts/train_encoder.py --cfg" in STAGE0_YAML.read_text()
+    with pytest.raises(ConfigError, match="run.epoch'.*Did you mean 'epochs'"):
+        load_config(EncoderPretrainConfig, STAGE0_YAML, ["run.epoch=3"])
+    with pytest.raises(ConfigError, match="batch_size"):
+        load_config(EncoderPretrainConfig, STAGE0_YAML, ["run.batch_size=1"])
+
+
+# ---------------------------------------------------------------------------------------------- short real run
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    from xraygpt.data.embedded import build_embedded_dataset
+
+    tmp = tmp_path_factory.mktemp("stage0")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("XRAYGPT_CACHE", str(tmp / "cache"))
+    ds = build_embedded_dataset(out_dir=tmp / "data", limit=80)
+    overrides = [f"data.root={ds.root}", "data.limit=80", f"run.output_dir={tmp / 'run'}", "run.batch_size=16",
+                 "run.epochs=5", "run.length_buckets=1", "run.progress=false", "optim.lr=1e-3"]  # fmt: skip
+    cfg = load_config(EncoderPretrainConfig, STAGE0_YAML, overrides)
+    result = pretrain_encoder(cfg)
+    yield cfg, overrides, result, ds
+    mp.undo()
+
+
+def test_short_run_loss_falls_and_saves(short_run):
+    cfg, _, result, ds = short_run
+    history = result.meta["train"]["epoch_mean_loss"]
+    assert len(history) == 5
+    assert history[-1] < 0.8 * history[0], history
+    out = Path(cfg.run.output_dir)
+    meta = json.loads((out / META_NAME).read_text())
+    assert meta["data"]["n_train"] == ds.manifest["splits"]["train"]
+    assert meta["data"]["manifest_version"] == ds.manifest["version"]
+    assert meta["config"]["run"]["batch_size"] == 16 and meta["model_name"] == "xray-vit-tiny"
+    assert result.checkpoint == out / CHECKPOINT_NAME and not result.reused
+
+
+def test_checkpoint_loads_through_registry_with_identical_features(short_run):
+    _, _, result, _ = short_run
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    pooled = build_encoder(EncoderConfig(type="open_clip", name="xray-vit-tiny", checkpoint=str(result.checkpoint),
+                                         feature="pooled"))  # fmt: skip
+    with torch.no_grad():
+        torch.testing.assert_close(pooled(x)[:, 0], result.model.encode_image(x), rtol=0, atol=0)
+    patch = build_encoder(EncoderConfig(type="open_clip", name="xray-vit-tiny", checkpoint=str(result.checkpoint)))
+    random = build_encoder(EncoderConfig(type="open_clip", name="xray-vit-tiny"))
+    with torch.no_grad():
+        assert patch(x).shape == (2, 49, 256)
+        assert not torch.allclose(patch(x), random(x))
+
+
+def test_trimmed_text_encoding_equals_full_context(short_run):
+    _, _, result, _ = short_run
+    from xraygpt.encoders import get_open_clip_tokenizer
+
+    tokens = get_open_clip_tokenizer("xray-vit-tiny")(["heart size normal. lungs clear.", "small left effusion"])
+    with torch.no_grad():
+        full = result.model.encode_text(tokens, normalize=True)
+        torch.testing.assert_close(encode_text(result.model, tokens), full, rtol=0, atol=1e-6)
+
+
+def test_rerun_reuses_and_other_config_refuses(short_run):
+    cfg, overrides, result, _ = short_run
+    t0 = time.perf_counter()
+    again = pretrain_encoder(load_config(EncoderPretrainConfig, STAGE0_YAML, overrides + ["run.progress=true"]))
+    assert again.reused and again.model is None and time.perf_counter() - t0 < 5
+    assert again.meta == result.meta
+    with pytest.raises(FileExistsError, match="run.seed"):
+        pretrain_encoder(load_config(EncoderPretrainConfig, STAGE0_YAML, overrides + ["run.seed=1"]))
+
+
+def test_evaluate_encoder_reports_both_encoders(short_run):
+    cfg, _, result, ds = short_run
+    ev = evaluate_encoder(cfg, result.checkpoint)
+    assert ev["n_test"] == ds.manifest["splits"]["test"]
+    for name in ("trained", "random"):
+        r = ev["retrieval"][name]
+        assert 0 <= r["R@1"] <= r["R@5"] <= r["R@10"] <= 1
+        assert set(ev["probe_auroc"][name]) == set(json.loads(ds.labels_file.read_text())["classes"])

@@ -28,6 +28,10 @@ $(STAMP): pyproject.toml Makefile
 	@command -v java >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	  (apt-get update -qq && apt-get install -y -qq default-jre-headless >/dev/null) ; } || \
 	  echo "note: Java not found: METEOR needs it (Debian: apt-get install default-jre-headless)"
+	@# The web-demo test drives Debian's Chromium through selenium (no browser download is possible here).
+	@{ command -v chromium && command -v chromedriver; } >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  (apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null) ; } || \
+	  echo "note: Chromium not found: the browser test needs it (Debian: apt-get install chromium chromium-driver)"
 	touch $(STAMP)
 
 test: install

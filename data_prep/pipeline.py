@@ -92,6 +92,16 @@ def _writable_dir(path: Path) -> None:
                       "write>") from None
 
 
+def _public_config(cfg: DataPrepConfig) -> dict:
+    """The config for the manifest, with any user:password part of the endpoint URLs removed."""
+    data = to_dict(cfg)
+    endpoint = data["llm"]["endpoint"]
+    for key in ("base_url", "azure_endpoint"):
+        if endpoint.get(key):
+            endpoint[key] = safe_url(endpoint[key])
+    return data
+
+
 def _dry_run(cfg: DataPrepConfig, cleaner: Cleaner, reports: list, out: TextIO) -> dict:
     if not isinstance(cleaner, LLMCleaner):
         print(f"[dry-run] cleaner 'rules' sends nothing; {len(reports)} reports would be cleaned offline.", file=out)
@@ -225,7 +235,7 @@ def run(cfg: DataPrepConfig, out: TextIO | None = None) -> dict:
         "prompt_sha256": described.get("prompt_sha256"),
         "data_use": verdict,
         "versions": _versions(),
-        "config": to_dict(cfg),
+        "config": _public_config(cfg),
     }
     atomic_write_text(out_dir / "manifest.json", json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     ok = manifest["counts"]["outcome"]["ok"]

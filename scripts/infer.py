@@ -50,15 +50,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def check_writable(path: Path) -> None:
+    """Create the parent folder and make sure `path` can be written, leaving an existing file untouched."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8"):
+            pass
+    except OSError as e:
+        raise PermissionError(f"--json {path} cannot be written ({e.strerror or e}); choose a file in a folder "
+                              f"you can write") from None
+
+
 def run(args: argparse.Namespace) -> int:
     gen = generation_config(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=args.do_sample,
                             temperature=args.temperature, top_p=args.top_p,
                             repetition_penalty=args.repetition_penalty)
     torch.manual_seed(args.seed)
+    if args.json:  # a bad output path is found before the model loads, not after
+        check_writable(Path(args.json))
     model = load_model(args.ckpt, args.cfg, device=args.device)
     out = None
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         out = open(args.json, "w", encoding="utf-8")
     failed = []
     try:

@@ -18,6 +18,10 @@ CONFIGS = REPO / "configs"
 
 def schema_for(path: Path):
     rel = path.relative_to(CONFIGS).as_posix()
+    if rel.startswith("ablation/"):
+        from xraygpt.ablation import AblationConfig
+
+        return AblationConfig
     if rel.startswith("data/"):
         from data_prep.config import DataPrepConfig
 

@@ -210,6 +210,7 @@ def load_model(ckpt: str | Path, cfg: str | Path | None = None, device: str = "a
     """
     from xraygpt.train.init import find_model_dir
 
+    target = resolve_device(device)  # before building anything: a missing GPU is a usage error, found at once
     path = Path(ckpt).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist: give a model folder (save_pretrained or a "
@@ -231,7 +232,7 @@ def load_model(ckpt: str | Path, cfg: str | Path | None = None, device: str = "a
                 f"--ckpt at a folder written by save_pretrained or scripts/train.py, or at an original .pth together "
                 f"with --cfg <model yaml>") from None
         model = XrayGPT.from_pretrained(folder)
-    return place(model, resolve_device(device)).eval()
+    return place(model, target).eval()
 
 
 def place(model: XrayGPT, device: torch.device) -> XrayGPT:
@@ -248,5 +249,5 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device={device} but no GPU is visible; use --device cpu")
+        raise RuntimeError(f"device={device} but no CUDA/ROCm GPU is visible to torch; use --device cpu (or auto)")
     return torch.device(device)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -66,6 +68,18 @@ class GenerationConfig:
     min_new_tokens: int = 1
 
 
+def _first_line(error: Exception) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+def refusal_reason(error: Exception) -> str:
+    """What torch's weights_only unpickler refused, e.g. 'it would call posix.system', without torch's advice to
+    retry with weights_only=False (never right for a file of unknown origin)."""
+    match = re.search(r"GLOBAL ([\w.]+)", str(error))
+    return f"it would call {match.group(1)}" if match else "it holds Python objects, not only tensors"
+
+
 class XrayGPT(nn.Module):
     def __init__(self, config: ModelConfig, encoder: ImageEncoder | None = None, llm: nn.Module | None = None,
                  tokenizer: Any = None):
@@ -78,6 +92,7 @@ class XrayGPT(nn.Module):
         self.llm = llm
         self.tokenizer = tokenizer
         self.template = get_template(config.template)
+        self._end_marker_criteria = None  # built on first generate (see _stop_at_end_marker)
         d_img, d_llm = self.encoder.hidden_size, self.llm.get_input_embeddings().embedding_dim
         self.llama_proj = nn.Linear(d_img, d_llm, bias=config.proj_bias)  # the only trained module
         self.processor = PromptProcessor(tokenizer, self.template, self.encoder.num_tokens,
@@ -202,10 +217,19 @@ class XrayGPT(nn.Module):
             do_sample=gen.do_sample, temperature=gen.temperature if gen.do_sample else None,
             top_p=gen.top_p if gen.do_sample else None, top_k=None,
             repetition_penalty=gen.repetition_penalty, length_penalty=gen.length_penalty,
-            stop_strings=[self.template.end_sym], tokenizer=tok,
+            stopping_criteria=self._stop_at_end_marker(),
             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
         texts = tok.batch_decode(out, skip_special_tokens=True)
         return [self.strip_answer(t) for t in texts]
+
+    def _stop_at_end_marker(self):
+        """Stop a sample at the template's end marker. Built once per model: transformers would rebuild it from the
+        tokenizer's whole vocabulary on every generate call (`stop_strings=`), a fixed cost per batch."""
+        from transformers import StoppingCriteriaList, StopStringCriteria
+
+        if self._end_marker_criteria is None:
+            self._end_marker_criteria = StopStringCriteria(self.tokenizer, [self.template.end_sym])
+        return StoppingCriteriaList([self._end_marker_criteria])
 
     def strip_answer(self, text: str) -> str:
         """Cut at the end marker (a new turn starts with it too)."""
@@ -253,7 +277,14 @@ class XrayGPT(nn.Module):
             raise FileNotFoundError(
                 f"{directory} has no {CONFIG_NAME}: it is not an XrayGPT model folder. For an original XrayGPT "
                 f".pth, build the model from a config and call model.load_original_checkpoint(path).")
-        meta = json.loads(config_file.read_text(encoding="utf-8"))
+        try:
+            meta = json.loads(config_file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{config_file}: not a valid JSON model config ({e}); re-save the model with "
+                             f"save_pretrained, or copy the folder again") from None
+        if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
+            raise ValueError(f"{config_file}: expected an object with a 'model' section (as save_pretrained writes "
+                             f"it); re-save the model with save_pretrained")
         config = from_dict(ModelConfig, meta["model"], where=str(config_file))
         model = cls(config, **components)
         model.load_trainable(directory / WEIGHTS_NAME)
@@ -275,7 +306,11 @@ class XrayGPT(nn.Module):
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"trained weights not found: {path}")
-        state = load_file(str(path))
+        try:
+            state = load_file(str(path))
+        except Exception as e:  # SafetensorError: truncated or not a safetensors file
+            raise ValueError(f"{path}: cannot read the trained weights ({e}); the file is truncated or corrupt: copy "
+                             f"it again, or use another checkpoint (e.g. the run's checkpoints/step_*)") from None
         self._check_projection(state, str(path))
         self.llama_proj.load_state_dict({k.removeprefix("llama_proj."): v for k, v in state.items()
                                          if k.startswith("llama_proj.")})
@@ -287,9 +322,13 @@ class XrayGPT(nn.Module):
             raise FileNotFoundError(f"checkpoint not found: {path}")
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # unpickling refused: it holds code, not just tensors
+        except pickle.UnpicklingError as e:  # weights_only refused it: it holds code, not just tensors
             raise ValueError(f"{path}: refusing to load (only plain tensor checkpoints are accepted with "
-                             f"weights_only=True): {str(e).splitlines()[0]}") from None
+                             f"weights_only=True): {refusal_reason(e)}. Re-save it as "
+                             f"torch.save({{'model': state_dict}}, path) from code you trust") from None
+        except Exception as e:  # truncated zip, empty file, not a torch file
+            raise ValueError(f"{path}: not a readable torch checkpoint ({_first_line(e)}); the file is "
+                             f"empty, truncated or not a .pth: download or export it again") from None
         state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
         if not isinstance(state, dict):
             raise ValueError(f"{path}: expected a dict with a 'model' state dict, got {type(ckpt).__name__}")

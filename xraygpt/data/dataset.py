@@ -16,6 +16,8 @@ from PIL import Image
 IMAGE_SUBDIR = "image"
 IMAGE_SUFFIXES = (".jpg", ".png", ".jpeg")  # tried in this order after the bare id
 ON_MISSING = ("error", "skip")
+FIX_ENTRY = ('every entry must be {"image_id": "<file name without extension>", "caption": "<report text>"} with '
+             "non-empty strings; fix or remove this entry")
 
 
 class AnnotationError(ValueError):
@@ -26,11 +28,13 @@ def read_annotations(ann_file: Path) -> list[dict[str, Any]]:
     """Load and validate an annotation file; returns its list of entries (each with str image_id, caption)."""
     ann_file = Path(ann_file)
     if not ann_file.is_file():
-        raise FileNotFoundError(f"Annotation file not found: {ann_file}")
+        raise FileNotFoundError(f"Annotation file not found: {ann_file} (check the dataset root and the annotation "
+                                f"file name, e.g. data.root / data.ann_file in a config)")
     try:
         data = json.loads(ann_file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise AnnotationError(f"{ann_file}:{e.lineno}:{e.colno}: not valid JSON ({e.msg})") from None
+        raise AnnotationError(f"{ann_file}:{e.lineno}:{e.colno}: not valid JSON ({e.msg}); fix the syntax there "
+                              f"(a JSON validator shows it) or regenerate the file") from None
     except UnicodeDecodeError as e:
         raise AnnotationError(f"{ann_file}: not UTF-8 text ({e})") from None
     if not isinstance(data, dict) or "annotations" not in data:
@@ -48,13 +52,14 @@ def read_annotations(ann_file: Path) -> list[dict[str, Any]]:
             raise AnnotationError(f"{where} must be an object, found {type(a).__name__}")
         for key in ("image_id", "caption"):
             if key not in a:
-                raise AnnotationError(f"{where} has no {key!r} (keys: {sorted(a)})")
+                raise AnnotationError(f"{where} has no {key!r} (keys: {sorted(a)}); {FIX_ENTRY}")
             if not isinstance(a[key], str):
-                raise AnnotationError(f"{where}[{key!r}] must be a string, found {type(a[key]).__name__}: {a[key]!r}")
+                raise AnnotationError(f"{where}[{key!r}] must be a string, found {type(a[key]).__name__}: {a[key]!r}; "
+                                      f"{FIX_ENTRY}")
         if not a["image_id"].strip():
-            raise AnnotationError(f"{where}['image_id'] is empty")
+            raise AnnotationError(f"{where}['image_id'] is empty; {FIX_ENTRY}")
         if not a["caption"].strip():
-            raise AnnotationError(f"{where}['caption'] is empty (image_id {a['image_id']!r})")
+            raise AnnotationError(f"{where}['caption'] is empty (image_id {a['image_id']!r}); {FIX_ENTRY}")
         _check_image_id(a["image_id"], where)
     return anns
 
@@ -114,8 +119,14 @@ class CaptionDataset:
                 raise FileNotFoundError(
                     f"{self.ann_file}: annotations[{i}] image_id {a['image_id']!r} has no image; tried "
                     + ", ".join(str(p) for p in tried)
-                    + " (pass on_missing='skip' to drop such entries)"
+                    + ". Add the image, or drop such entries with on_missing='skip' (data.on_missing=skip in a "
+                    "training config)"
                 )
+            if path.stat().st_size == 0:  # cheap, and found now rather than an hour into training
+                from xraygpt.data.image_processing import ImageReadError
+
+                raise ImageReadError(f"{self.ann_file}: annotations[{i}] image_id {a['image_id']!r}: image {path} is "
+                                     f"empty (0 bytes); re-export or re-copy it, or remove the entry")
             self.annotations.append({"image_id": a["image_id"], "caption": a["caption"]})
             self._paths.append(path)
             self._source_index.append(i)

@@ -108,7 +108,7 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     if not path.is_file():
         raise FileNotFoundError(f"Image file not found: {path}")
     if path.stat().st_size == 0:
-        raise ImageReadError(f"Image file {path} is empty (0 bytes).")
+        raise ImageReadError(f"Image file {path} is empty (0 bytes): re-export or re-copy it, or leave it out.")
     if _is_dicom(path):
         return _load_dicom(path)
     try:
@@ -117,7 +117,8 @@ def load_image(path: str | os.PathLike) -> Image.Image:
             image.load()  # decode now, so truncation fails here and not deep inside a DataLoader
             image = ImageOps.exif_transpose(image)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ImageReadError(f"Cannot read image {path}: {e} (truncated, corrupt or not an image?)") from e
+        raise ImageReadError(f"Cannot read image {path}: {e} (truncated, corrupt or not an image?): re-export or "
+                             f"re-copy it, or leave it out.") from e
     return to_8bit(image)
 
 

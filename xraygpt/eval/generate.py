@@ -19,7 +19,7 @@ import torch
 from xraygpt.conversation import DEFAULT_INSTRUCTION, default_prompt_file, pick_instruction, read_prompt_file
 from xraygpt.data.dataset import CaptionDataset
 from xraygpt.data.image_processing import ImageTransform
-from xraygpt.eval.predictions import append_predictions, done_ids
+from xraygpt.eval.predictions import _drop_partial_last_line, append_predictions, done_ids
 from xraygpt.model import GenerationConfig, ModelConfig, XrayGPT
 
 log = logging.getLogger(__name__)
@@ -99,6 +99,30 @@ def resolve_split(cfg: EvalConfig) -> tuple[Path, Path]:
     return root, ann if ann.is_absolute() else root / ann
 
 
+class OutputWriteError(RuntimeError):
+    """The predictions file cannot be written (disk full, quota, file size limit)."""
+
+
+def append_durably(path: Path, records: list[dict]) -> None:
+    """Append a batch of predictions; if the write fails part-way, cut the file back to what it held before, so
+    the lines already written stay intact and a rerun resumes from them."""
+    if path.exists():
+        _drop_partial_last_line(path)  # an interrupted earlier write; then `size` ends on a whole line
+    size = path.stat().st_size if path.exists() else 0
+    try:
+        append_predictions(path, records)
+    except OSError as e:
+        try:
+            with open(path, "r+b") as f:
+                f.truncate(size)
+        except OSError:
+            pass  # done_ids ignores a partial last line anyway
+        raise OutputWriteError(
+            f"cannot write predictions to {path} ({e.strerror or e}): free disk space (or raise the quota / file "
+            f"size limit) and rerun the same command; the predictions already in the file are kept and the run "
+            f"resumes after them") from None
+
+
 def generate_predictions(cfg: EvalConfig, model: XrayGPT | None = None) -> Path:
     """Generate (or finish generating) `<output_dir>/predictions.jsonl`; return its path."""
     if cfg.threads:
@@ -138,7 +162,7 @@ def generate_predictions(cfg: EvalConfig, model: XrayGPT | None = None) -> Path:
             records.append({"image_id": rec["image_id"], "reference": rec["caption"], "prediction": text,
                             "instruction": q, "image_source": dataset.record(image_of[i])["image_id"],
                             "generation": settings, "model": identity})
-        append_predictions(preds_path, records)  # durable per batch: a kill loses at most one batch
+        append_durably(preds_path, records)  # durable per batch: a kill loses at most one batch
         if bar is not None:
             bar.update(len(chunk))
     if bar is not None:

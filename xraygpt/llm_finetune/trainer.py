@@ -39,7 +39,7 @@ from xraygpt.train.batches import BatchPlan
 from xraygpt.train.metrics_log import MetricsLogger
 from xraygpt.train.optim import build_optimizer
 from xraygpt.train.schedule import build_scheduler
-from xraygpt.train.trainer import TrainingError, _prepare_output_dir, build_accelerator
+from xraygpt.train.trainer import TrainingError, build_accelerator, loader_generator, prepare_output_dir
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class FinetuneTrainer:
             torch.set_num_threads(cfg.run.threads)
         self.accelerator = acc = build_accelerator(cfg)
         self.is_main = acc.is_main_process
-        self.output_dir = _prepare_output_dir(cfg) if self.is_main else Path(cfg.run.output_dir)
+        self.output_dir = prepare_output_dir(cfg) if self.is_main else Path(cfg.run.output_dir)
         acc.wait_for_everyone()
         self._check_total_batch()
         train_file, val_file = self._data_file(cfg.data.train_file), self._data_file(cfg.data.val_file)
@@ -158,7 +158,7 @@ class FinetuneTrainer:
     def _loader(self, start: int, end: int) -> DataLoader:
         batches = list(self.plan.iter_micro_batches(start, end, self.accelerator.process_index))
         return DataLoader(self.train_set, batch_sampler=batches, collate_fn=self.encoder.collate,
-                          generator=_loader_generator())
+                          generator=loader_generator())
 
     def _forward(self, batch: dict[str, torch.Tensor], num_items: torch.Tensor):
         inputs = {k: batch[k].to(self.accelerator.device) for k in ("input_ids", "attention_mask", "labels")}
@@ -194,7 +194,7 @@ class FinetuneTrainer:
         batches = [[(0, i) for i in mine[j:j + bs]] for j in range(0, len(mine), bs)]
         total, count = torch.zeros((), device=acc.device), torch.zeros((), device=acc.device)
         for batch in DataLoader(self.val_set, batch_sampler=batches, collate_fn=self.encoder.collate,
-                                generator=_loader_generator()):
+                                generator=loader_generator()):
             n = (batch["labels"][:, 1:] != IGNORE_INDEX).sum().to(acc.device).float()
             total += self._forward(batch, n).loss.float() * n
             count += n
@@ -276,12 +276,6 @@ class FinetuneTrainer:
             atomic_write_text(self.output_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         self.logger.close(summary)
         return summary
-
-
-def _loader_generator() -> torch.Generator:
-    """A DataLoader draws a seed from the global RNG each time it is iterated; LoRA dropout draws from that RNG
-    too, so a resumed run (which iterates a new loader) would drift from an uninterrupted one. Give it its own."""
-    return torch.Generator().manual_seed(0)
 
 
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:

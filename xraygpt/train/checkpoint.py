@@ -7,14 +7,20 @@
 
 A step dir is written under a temp name and renamed into place, so a kill during a save leaves only a
 `.tmp-*` folder that the next run deletes; `latest` is updated after the rename.
+
+Test hook: `XRAYGPT_TEST_SLOW_SAVE=<seconds>` sleeps that long before each file of a step checkpoint, so the
+kill/resume tests (tests/test_kill_resume.py) can land a SIGKILL inside a checkpoint write. Unset: no effect.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import pickle
 import random
 import re
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +41,13 @@ class TrainerState:
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, indent=2) + "\n"
+
+
+def slow_save_pause() -> None:
+    """The `XRAYGPT_TEST_SLOW_SAVE` hook (see the module docstring); a no-op in normal runs."""
+    delay = os.environ.get("XRAYGPT_TEST_SLOW_SAVE")
+    if delay:
+        time.sleep(float(delay))
 
 
 def checkpoints_dir(output_dir: Path) -> Path:
@@ -93,6 +106,7 @@ def commit_checkpoint(output_dir: Path, state: TrainerState, tmp: Path, keep_las
     """Mark the temp dir complete, rename it into place, move `latest`, prune old step dirs."""
     root = checkpoints_dir(output_dir)
     final = root / step_dir_name(state.step)
+    slow_save_pause()
     atomic_write_text(tmp / STATE_NAME, state.to_json())  # last file: marks the dir complete
     if final.exists():
         shutil.rmtree(final)
@@ -116,9 +130,11 @@ def read_state(checkpoint: Path) -> TrainerState:
 def save_training_state(folder: Path, optimizer, scheduler, rank: int, is_main: bool) -> None:
     """Optimizer/scheduler (main process) and this process's RNG states; plain tensors, loadable weights_only."""
     folder = Path(folder)
+    slow_save_pause()
     if is_main:
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
                    folder / "training_state.pt")
+    slow_save_pause()
     rng = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
            "python_version": random.getstate()[0], "python_gauss": random.getstate()[2]}
     if torch.cuda.is_available():
@@ -126,13 +142,28 @@ def save_training_state(folder: Path, optimizer, scheduler, rank: int, is_main: 
     torch.save(rng, folder / f"rng_{rank}.pt")
 
 
+def load_tensors(path: Path):
+    """torch.load(weights_only=True) with errors that name the file: pickled code is refused, never run."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        from xraygpt.model import refusal_reason
+
+        raise ValueError(f"{path}: refusing to load it with weights_only=True ({refusal_reason(e)}). "
+                         f"scripts/train.py writes plain tensors only, so this file was not written by it: delete "
+                         f"{path.parent} and resume from an earlier checkpoint") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise ValueError(f"{path}: cannot read it ({type(e).__name__}: {str(e).strip()[:200]}); the checkpoint is "
+                         f"damaged: delete {path.parent} and resume from an earlier checkpoint") from None
+
+
 def load_training_state(folder: Path, optimizer, scheduler, rank: int) -> None:
-    state = torch.load(Path(folder) / "training_state.pt", map_location="cpu", weights_only=True)
+    state = load_tensors(Path(folder) / "training_state.pt")
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     rng_file = Path(folder) / f"rng_{rank}.pt"
     if rng_file.is_file():  # absent when resuming with more processes than saved: fresh RNG is fine
-        rng = torch.load(rng_file, map_location="cpu", weights_only=True)
+        rng = load_tensors(rng_file)
         torch.set_rng_state(rng["torch"])
         random.setstate((rng["python_version"], tuple(rng["python"]), rng["python_gauss"]))
         if "cuda" in rng and torch.cuda.is_available():

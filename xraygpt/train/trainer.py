@@ -59,7 +59,13 @@ def build_accelerator(cfg: TrainConfig):
     return Accelerator(cpu=cfg.run.device == "cpu", mixed_precision=cfg.run.mixed_precision)
 
 
-def _prepare_output_dir(cfg: TrainConfig) -> Path:
+def loader_generator() -> torch.Generator:
+    """A DataLoader draws a seed from the global RNG each time it is iterated unless given its own generator; a
+    resumed run iterates a new loader, so the global RNG (dropout, sampling) would drift from an uninterrupted run."""
+    return torch.Generator().manual_seed(0)
+
+
+def prepare_output_dir(cfg: TrainConfig) -> Path:
     out = Path(cfg.run.output_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -84,7 +90,7 @@ class Trainer:
         self.accelerator = build_accelerator(cfg)
         acc = self.accelerator
         self.is_main = acc.is_main_process
-        self.output_dir = _prepare_output_dir(cfg) if self.is_main else Path(cfg.run.output_dir)
+        self.output_dir = prepare_output_dir(cfg) if self.is_main else Path(cfg.run.output_dir)
         acc.wait_for_everyone()
         if cfg.run.total_batch_size is not None:
             actual = cfg.run.batch_size * acc.num_processes * cfg.run.grad_accum
@@ -146,7 +152,8 @@ class Trainer:
     def _loader(self, start: int, end: int) -> DataLoader:
         batches = list(self.plan.iter_micro_batches(start, end, self.accelerator.process_index))
         return DataLoader(self.train_set, batch_sampler=batches, collate_fn=self.collate,
-                          num_workers=self.cfg.data.num_workers, persistent_workers=False)
+                          num_workers=self.cfg.data.num_workers, persistent_workers=False,
+                          generator=loader_generator())
 
     def _global_token_count(self, micro: list[dict[str, Any]]) -> torch.Tensor:
         n = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
@@ -191,7 +198,7 @@ class Trainer:
         bs = self.cfg.run.batch_size
         batches = [[(0, i) for i in indices[j:j + bs]] for j in range(0, len(indices), bs)]
         loader = DataLoader(val_set, batch_sampler=batches, collate_fn=self.collate,
-                            num_workers=self.cfg.data.num_workers)
+                            num_workers=self.cfg.data.num_workers, generator=loader_generator())
         total, count = torch.zeros((), device=acc.device), torch.zeros((), device=acc.device)
         for batch in loader:
             n = (batch["labels"][:, 1:] != IGNORE_INDEX).sum().to(acc.device).float()
@@ -215,6 +222,7 @@ class Trainer:
         ckpt.save_training_state(tmp, self.optimizer, self.scheduler, acc.process_index, acc.is_main_process)
         acc.wait_for_everyone()
         if self.is_main:
+            ckpt.slow_save_pause()
             self._unwrapped().save_pretrained(tmp)
             protect = {ckpt.step_dir_name(self.state.best_step)} if self.state.best_step is not None else set()
             ckpt.commit_checkpoint(self.output_dir, self.state, tmp, self.cfg.run.keep_last, protect)

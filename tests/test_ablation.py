@@ -1,0 +1,238 @@
+"""The ablation runner end to end on a tiny two-row ablation, its reuse of finished steps, and its config errors.
+
+Real steps, tiny sizes: the embedded dataset built from the first 48 IU reports, xray-vit-tiny pretrained for one
+step (stage 0), a random 2-layer LLaMA with the real SmolLM2 tokenizer fine-tuned for three steps on the
+radiology conversations, three projection steps per row, and an 8-sample evaluation with its shuffled control.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, make_tiny_llm
+
+from xraygpt.ablation import AblationError, load_ablation_config, plan_ablation, run_ablation
+from xraygpt.config import ConfigError
+
+EMBEDDED_YAML = REPO / "configs" / "ablation" / "embedded.yaml"
+
+
+@pytest.fixture(scope="module")
+def tiny_llm_dir(tmp_path_factory, tokenizer):
+    d = tmp_path_factory.mktemp("tiny_llm")
+    make_tiny_llm(len(tokenizer), seed=0).save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def emb(tmp_path_factory):
+    from xraygpt.data.embedded import build_embedded_dataset
+
+    return Path(build_embedded_dataset(out_dir=tmp_path_factory.mktemp("emb48"), limit=48, workers=1).root)
+
+
+@pytest.fixture(autouse=True)
+def keep_torch_threads():
+    """The tiny steps run on one thread (two contend badly on a busy 2-core machine); give the rest of the session
+    back its own setting, since in-process steps set torch's thread count."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture(scope="module")
+def step_yamls(tmp_path_factory, emb):
+    """Tiny versions of the four entry points' YAMLs (the ablation overrides their outputs, encoder and LLM)."""
+    d = tmp_path_factory.mktemp("step_yamls")
+    stage0 = _write(d / "stage0.yaml", f"""# python scripts/train_encoder.py --cfg stage0.yaml
+data: {{embedded: true, root: {emb}, limit: 48}}
+model: {{name: xray-vit-tiny}}
+run: {{epochs: 1, max_steps: 1, batch_size: 4, threads: 1, progress: false}}
+""")
+    llm = _write(d / "llm.yaml", f"""# python scripts/finetune_llm.py --cfg llm.yaml
+model: {{method: lora, lora: {{r: 4, alpha: 8}}}}
+data: {{train_file: "embedded:radiology", val_file: null, max_len: 256, radiology: {{embedded_dir: {emb}}}}}
+optim: {{init_lr: 1.0e-2, min_lr: 1.0e-3, warmup_steps: 1}}
+run: {{max_steps: 3, batch_size: 2, device: cpu, threads: 1, progress: false, save_every: 0, resume: auto}}
+wandb: {{mode: disabled}}
+""")
+    stage1 = _write(d / "stage1.yaml", f"""# python scripts/train.py --cfg stage1.yaml
+model: {{max_txt_len: 32}}
+data: {{embedded: false, root: {emb}, ann_file: splits/train.json}}
+optim: {{init_lr: 1.0e-2, min_lr: 1.0e-3, warmup_steps: 1}}
+run: {{max_steps: 3, batch_size: 4, device: cpu, threads: 1, progress: false, feature_cache: false,
+      resume: auto}}
+wandb: {{mode: disabled}}
+""")
+    ev = _write(d / "eval.yaml", f"""# python scripts/eval_rouge.py --cfg eval.yaml
+data: {{embedded: false, root: {emb}, ann_file: splits/test.json, limit: 8}}
+generation: {{max_new_tokens: 8}}
+batch_size: 8
+metrics: [rouge, clinical]
+bootstrap: 50
+device: cpu
+threads: 1
+progress: false
+""")
+    return {"stage0": stage0, "llm": llm, "stage1": stage1, "eval": ev}
+
+
+@pytest.fixture(scope="module")
+def ablation_yaml(tmp_path_factory, step_yamls, tiny_llm_dir):
+    d = tmp_path_factory.mktemp("ablation")
+    return _write(d / "tiny.yaml", f"""# python scripts/run_ablation.py --cfg tiny.yaml
+name: tiny ablation
+output_dir: {d / "out"}
+isolation: inprocess
+base_llm: {tiny_llm_dir}
+medical_data: null
+stage0: {{config: {step_yamls["stage0"]}}}
+llm_steps:
+  medical: {{config: {step_yamls["llm"]}, train_file: "${{medical_data}}", needs_train_file: true}}
+  radiology: {{config: {step_yamls["llm"]}}}
+train:
+  stage1: {{config: {step_yamls["stage1"]}}}
+eval: {{config: {step_yamls["eval"]}}}
+rows:
+  baseline: {{name: Baseline, encoder: random, llm: []}}
+  medvicuna: {{name: +MedVicuna, encoder: stage0, llm: [medical]}}
+  radllm: {{name: +RadLLM, encoder: stage0, llm: [radiology]}}
+control: {{metric: ce_micro_f1_14}}
+targets: {{baseline_row: baseline, max_minutes: 5}}
+""")
+
+
+def _run_script(argv: list[str]) -> dict:
+    spec = importlib.util.spec_from_file_location("run_ablation_script", REPO / "scripts" / "run_ablation.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(argv)
+
+
+def test_tiny_ablation_end_to_end_then_rerun_reuses_everything(ablation_yaml, capsys):
+    cfg = load_ablation_config(ablation_yaml)
+    out = Path(cfg.output_dir)
+    report = run_ablation(cfg)
+    first_log = capsys.readouterr().out
+
+    # files: both trained rows, the skipped medical row with its reason, the control row
+    assert (out / "ablation.md").is_file() and (out / "ablation.json").is_file()
+    saved = json.loads((out / "ablation.json").read_text())
+    assert report["files"]["json"] == str(out / "ablation.json") and report["rows"] == saved["rows"]
+    rows = {r["id"]: r for r in saved["rows"]}
+    assert list(rows) == ["baseline", "medvicuna", "radllm"]
+    assert rows["baseline"]["status"] == rows["radllm"]["status"] == "evaluated"
+    assert rows["medvicuna"]["status"] == "skipped" and "medical_data" in rows["medvicuna"]["reason"]
+    assert not (out / "llm" / "medical").exists() and not (out / "rows" / "medvicuna").exists()
+    md = (out / "ablation.md").read_text()
+    assert "| Baseline |" in md and "+RadLLM" in md and "shuffled images (control)" in md and "+MedVicuna" in md
+
+    # every number is the eval's own: row = its table's first run, control = the best row's shuffled run
+    for rid in ("baseline", "radllm"):
+        table = json.loads((out / "rows" / rid / "eval" / "table.json").read_text())
+        assert rows[rid]["n"] == table["runs"][0]["n"] == 8
+        for k in ("rouge1", "rouge2", "rougeL", "ce_micro_f1_14"):
+            assert rows[rid]["metrics"][k] == table["runs"][0]["metrics"][k]
+            assert set(rows[rid]["metrics"][k]) == {"value", "ci_low", "ci_high"}
+    best = saved["best_row"]
+    assert best == max(("baseline", "radllm"), key=lambda r: rows[r]["metrics"]["ce_micro_f1_14"]["value"])
+    best_table = json.loads((out / "rows" / best / "eval" / "table.json").read_text())
+    assert best_table["runs"][1]["name"].endswith("(shuffled images)")
+    assert saved["control"]["of_row"] == best
+    assert saved["control"]["metrics"]["rougeL"] == best_table["runs"][1]["metrics"]["rougeL"]
+    d = saved["deltas"]["best_minus_control"]["rougeL"]
+    assert d["delta"] == pytest.approx(best_table["runs"][0]["metrics"]["rougeL"]["value"]
+                                       - best_table["runs"][1]["metrics"]["rougeL"]["value"])
+    assert d["ci_low"] <= d["delta"] + 1e-12 and d["delta"] <= d["ci_high"] + 1e-12
+    other = "baseline" if best == "radllm" else "radllm"
+    if best == "radllm":
+        assert saved["deltas"]["best_minus_baseline"]["ce_micro_f1_14"]["delta"] == pytest.approx(
+            rows["radllm"]["metrics"]["ce_micro_f1_14"]["value"] - rows[other]["metrics"]["ce_micro_f1_14"]["value"])
+    checks = {c["target"]: c["holds"] for c in saved["targets"]["checks"]}
+    assert any(t.startswith("best - control ce_micro_f1_14 >= 0.15") for t in checks)
+    assert saved["targets"]["all_hold"] == all(checks.values())
+
+    # the steps ran once each, in dependency order; the stage-0 encoder and the LLM are the rows' own
+    steps = [t["step"] for t in saved["timings"]["steps"]]
+    assert steps == ["stage0", "llm/radiology", "rows/baseline/stage1", "rows/baseline/eval", "rows/radllm/stage1",
+                     "rows/radllm/eval"]
+    assert all(t["status"] == "ran" and t["seconds"] > 0 for t in saved["timings"]["steps"])
+    model_cfg = json.loads((out / "rows" / "radllm" / "stage1" / "final" / "xraygpt_config.json").read_text())["model"]
+    assert model_cfg["llm"]["name_or_path"] == str(out / "llm" / "radiology" / "final")
+    assert model_cfg["encoder"]["checkpoint"] == str(out / "stage0" / "encoder.safetensors")
+    base_cfg = json.loads((out / "rows" / "baseline" / "stage1" / "final" / "xraygpt_config.json").read_text())["model"]
+    assert base_cfg["encoder"]["checkpoint"] is None and base_cfg["encoder"]["name"] == "xray-vit-tiny"
+    assert "$ python" in first_log
+
+    # rerun through the script: nothing retrained, same table
+    weights = out / "rows" / "radllm" / "stage1" / "final" / "model.safetensors"
+    mtime = weights.stat().st_mtime_ns
+    again = _run_script(["--cfg", str(ablation_yaml)])
+    log = capsys.readouterr().out
+    assert "$ python" not in log and log.count("reusing it, no retraining") == 6
+    assert all(t["status"] == "reused" and t["seconds"] == 0 for t in again["timings"]["steps"])
+    assert [t["recorded_seconds"] for t in again["timings"]["steps"]] == \
+        [t["seconds"] for t in saved["timings"]["steps"]]
+    assert weights.stat().st_mtime_ns == mtime
+    assert again["rows"] == saved["rows"] and again["control"] == saved["control"]
+
+    # a finished step whose config changed is refused (named), not silently reused; on_changed=redo redoes it
+    # and the steps made from it (the row's eval), and nothing else
+    changed = ["rows.baseline.train_overrides=[run.seed=7]"]
+    with pytest.raises(AblationError, match=r"rows/baseline/stage1.*run\.seed.*on_changed=redo"):
+        run_ablation(load_ablation_config(ablation_yaml, changed))
+    redone = run_ablation(load_ablation_config(ablation_yaml, [*changed, "on_changed=redo"]))
+    status = {t["step"]: t["status"] for t in redone["timings"]["steps"]}
+    assert [k for k, v in status.items() if v == "ran"] == ["rows/baseline/stage1", "rows/baseline/eval"]
+    assert weights.stat().st_mtime_ns == mtime
+
+
+def test_bad_row_config_names_the_key(ablation_yaml):
+    with pytest.raises(ConfigError, match=r"unknown key 'rows\.radllm\.encodr'.*Did you mean 'encoder'"):
+        load_ablation_config(ablation_yaml, ["rows.radllm.encodr=stage0"])
+    with pytest.raises(ConfigError, match=r"rows\.radllm\.llm: unknown LLM step 'radiolgy'.*'radiology'"):
+        load_ablation_config(ablation_yaml, ["rows.radllm.llm=[radiolgy]"])
+    with pytest.raises(ConfigError, match=r"rows\.baseline\.encoder must be random, stage0.*'random'"):
+        load_ablation_config(ablation_yaml, ["rows.baseline.encoder=randon"])
+    # a bad key inside a row's overrides fails at planning, before anything runs, naming row, stage and key
+    cfg = load_ablation_config(ablation_yaml, ["rows.radllm.train_overrides=[model.encoder.chekpoint=x]",
+                                               "output_dir=" + str(ablation_yaml.parent / "never")])
+    with pytest.raises(ConfigError, match=r"rows\.radllm \(train\.stage1\).*model\.encoder\.chekpoint.*'checkpoint'"):
+        run_ablation(cfg)
+    assert not (ablation_yaml.parent / "never").exists()
+
+
+def test_embedded_ablation_plan():
+    """The shipped ablation builds every step's config from the demo YAMLs; the medical rows wait for data."""
+    plan = plan_ablation(load_ablation_config(EMBEDDED_YAML))
+    rows = {r.id: r for r in plan.rows}
+    assert [r.name for r in plan.rows[:2]] == ["Baseline", "+MedCLIP"]
+    assert rows["medvicuna"].skipped and rows["medvicuna_radllm"].skipped
+    assert not rows["radllm"].skipped and not rows["baseline"].skipped
+    keys = [s.key for s in plan.steps]
+    assert keys[:2] == ["stage0", "llm/radiology"] and "llm/medical" not in keys
+    base1 = next(s for s in plan.steps if s.key == "rows/baseline/stage1").resolved
+    rad2 = next(s for s in plan.steps if s.key == "rows/radllm/stage2").resolved
+    stage0 = plan.steps[0].resolved
+    assert base1.model.encoder.checkpoint is None and base1.run.init_from is None
+    assert base1.model.encoder.name == rad2.model.encoder.name == stage0.model.name  # same architecture
+    assert rad2.model.encoder.checkpoint.endswith("stage0/encoder.safetensors")
+    assert rad2.model.llm.name_or_path.endswith("llm/radiology/final") and rad2.run.init_from.endswith("radllm/stage1")
+    ev = next(s for s in plan.steps if s.key == "rows/radllm/eval").resolved
+    assert ev.control and ev.ckpt.endswith("rows/radllm/stage2") and ev.name == "+RadLLM"
+
+    with_medical = plan_ablation(load_ablation_config(EMBEDDED_YAML, ["medical_data=/data/medical.json"]))
+    assert not any(r.skipped for r in with_medical.rows)
+    med = {s.key: s.resolved for s in with_medical.steps}
+    assert med["llm/medical"].data.train_file == "/data/medical.json"
+    assert med["llm/medical+radiology"].run.init_from.endswith("llm/medical")

@@ -1,0 +1,708 @@
+"""The paper's ablation (XrayGPT, Table 1) as one run: named rows, each a whole model trained and evaluated alike.
+
+    python scripts/run_ablation.py --cfg configs/ablation/embedded.yaml [key=value ...]
+
+A row is
+    encoder   "random" (seeded random init of the stage-0 architecture) | "stage0" (the stage-0 output) | a file
+    LLM       [] = the base LLM, or a chain of LLM fine-tunes run in order, each from the previous one
+              (e.g. [radiology], or the paper's [medical, radiology]); a chain step whose data the user must
+              supply (`needs_train_file`) skips its rows, with the reason in the table, while it has none
+    stages    the vision stages in order (stage 1, then stage 2 from stage 1), the same for every row
+    eval      one evaluation config, the same for every row, run with its shuffled-image control
+The control row is the best row (by `control.metric`) evaluated with the image/report pairing broken: read from
+that row's own evaluation, which ran the shuffled-image control on the same samples (paired test included).
+
+Every step is an existing entry point (scripts/train_encoder.py, finetune_llm.py, train.py, eval_rouge.py) with
+its YAML plus key=value overrides, run as a subprocess (memory freed between steps) or in this process
+(`isolation=inprocess`). All step configs are built and checked before anything runs, so a bad key fails at
+once, naming the row, the step and the key. Shared artefacts (one stage-0 encoder, one LLM per chain) are made
+once; a finished artefact is reused (stage-0 meta, train final/, fine-tune final/, eval table.json) and a
+rerun only does what is missing (training steps run with run.resume=auto, so a killed one continues). Each step
+records what it ran in `ablation_step.json`; an artefact made with another config is refused, naming the keys
+that differ, rather than reused.
+
+Outputs in output_dir: stage0/, llm/<chain>/, rows/<row>/<stage>/, rows/<row>/eval/, ablation.md, ablation.json.
+The metrics and their bootstrap CIs are read from each row's eval table.json, never recomputed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import importlib.util
+import json
+import logging
+import math
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from xraygpt.config import ConfigError, atomic_write_text, load_config, to_dict
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = REPO / "scripts"
+STEP_RECORD = "ablation_step.json"
+ENCODER_CHOICES = ("random", "stage0")  # or a path to an encoder checkpoint
+ISOLATION = ("subprocess", "inprocess")
+ON_CHANGED = ("error", "redo")
+# Labels for the metric keys the eval tables write (xraygpt.eval.tables.MAIN_COLUMNS); others show as their key.
+LABELS = {"rouge1": "R-1", "rouge2": "R-2", "rougeL": "R-L", "rougeL_coco": "R-L (COCO)", "bleu4": "B-4",
+          "meteor": "METEOR", "cider": "CIDEr", "ce_micro_f1_14": "CE F1 micro-14", "ce_macro_f1_14": "CE F1 macro-14",
+          "ce_micro_f1_5": "CE F1 micro-5", "ce_macro_f1_5": "CE F1 macro-5"}
+
+
+class AblationError(RuntimeError):
+    """A step failed, or an artefact on disk does not match what this ablation would make."""
+
+
+# ------------------------------------------------------------------------------------------------- config
+@dataclass
+class StepConfig:
+    config: str = ""  # the entry point's YAML (relative to the working directory, else to the repository)
+    overrides: list[str] = field(default_factory=list)  # key=value for that entry point, after its YAML
+
+
+@dataclass
+class StageConfig(StepConfig):
+    """One vision stage (scripts/train.py); every stage after the first starts from the previous one."""
+
+    enabled: bool = True
+
+
+@dataclass
+class LLMStepConfig(StepConfig):
+    """One LLM fine-tune (scripts/finetune_llm.py); in a chain, each step starts from the previous step's output."""
+
+    train_file: str | None = None  # sets data.train_file (ShareGPT JSON) when given
+    needs_train_file: bool = False  # the user supplies the data: rows using this step are skipped while it is null
+
+
+@dataclass
+class RowConfig:
+    name: str = ""  # the table's label; "" = the row's key
+    encoder: str = "stage0"  # random | stage0 | path to an encoder checkpoint (same architecture as stage 0)
+    llm: list[str] = field(default_factory=list)  # llm_steps keys, run in order; [] = the base LLM
+    train_overrides: list[str] = field(default_factory=list)  # key=value for every vision stage of this row
+    eval_overrides: list[str] = field(default_factory=list)  # key=value for this row's evaluation
+    enabled: bool = True
+
+
+@dataclass
+class ControlConfig:
+    enabled: bool = True  # evaluate every row with its shuffled-image control; the best row's is the control row
+    metric: str = "ce_micro_f1_14"  # the eval table's key that picks the best row (higher is better)
+
+
+@dataclass
+class TargetsConfig:
+    baseline_row: str | None = "baseline"  # the rows key the best row must beat
+    vs_control: dict[str, float] = field(default_factory=lambda: {"ce_micro_f1_14": 0.15, "rougeL": 0.02})  # >=
+    vs_baseline: dict[str, float] = field(default_factory=lambda: {"ce_micro_f1_14": 0.0, "rougeL": 0.0})  # >
+    max_minutes: float | None = 45.0  # compute time of all steps (earlier runs of reused steps included)
+
+
+@dataclass
+class AblationConfig:
+    name: str = "XrayGPT ablation"
+    output_dir: str = "outputs/ablation"
+    isolation: str = "subprocess"  # subprocess | inprocess
+    base_llm: str | None = None  # model.llm.name_or_path for every stage and fine-tune; None = as their YAMLs say
+    medical_data: str | None = None  # ShareGPT JSON of medical conversations (referenced by llm_steps in the YAML)
+    stage0: StepConfig = field(default_factory=StepConfig)
+    llm_steps: dict[str, LLMStepConfig] = field(default_factory=dict)
+    train: dict[str, StageConfig] = field(default_factory=dict)  # vision stages, in order
+    eval: StepConfig = field(default_factory=StepConfig)
+    rows: dict[str, RowConfig] = field(default_factory=dict)  # in table order
+    control: ControlConfig = field(default_factory=ControlConfig)
+    targets: TargetsConfig = field(default_factory=TargetsConfig)
+    metrics: list[str] = field(default_factory=lambda: ["rouge1", "rouge2", "rougeL", "ce_micro_f1_14"])
+    # A finished step whose config (or an input step's) changed since it ran: "error" names the keys and stops;
+    # "redo" deletes that step's folder under output_dir and runs it again (and so every step after it).
+    on_changed: str = "error"
+
+    def validate(self) -> None:
+        if self.isolation not in ISOLATION:
+            raise ConfigError(f"isolation must be one of {list(ISOLATION)}, got '{self.isolation}'")
+        if self.on_changed not in ON_CHANGED:
+            raise ConfigError(f"on_changed must be one of {list(ON_CHANGED)}, got '{self.on_changed}'")
+        if not self.rows:
+            raise ConfigError("rows: no rows; give at least one (e.g. rows.baseline.encoder=random)")
+        for section, names in (("rows", self.rows), ("train", self.train), ("llm_steps", self.llm_steps)):
+            for key in names:  # they name output folders
+                if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", key):
+                    raise ConfigError(f"{section}.{key}: use letters, digits, '_' and '-' only (it names a folder)")
+        if not any(s.enabled for s in self.train.values()):
+            raise ConfigError("train: no enabled vision stage (e.g. train.stage1.config=configs/demo/stage1.yaml)")
+        if not self.eval.config:
+            raise ConfigError("eval.config: the evaluation YAML is required (e.g. configs/demo/eval.yaml)")
+        for rid, row in self.rows.items():
+            for name in row.llm:
+                if name not in self.llm_steps:
+                    raise ConfigError(f"rows.{rid}.llm: unknown LLM step '{name}'.{_closest(name, self.llm_steps)} "
+                                      f"Defined in llm_steps: {', '.join(self.llm_steps) or 'none'}")
+            if row.encoder not in ENCODER_CHOICES and not row.encoder.endswith((".safetensors", ".bin", ".pt", ".pth")):
+                raise ConfigError(f"rows.{rid}.encoder must be random, stage0 or a checkpoint file, got "
+                                  f"'{row.encoder}'.{_closest(row.encoder, ENCODER_CHOICES)}")
+            if row.encoder == "stage0" and row.enabled and not self.stage0.config:
+                raise ConfigError(f"rows.{rid}.encoder=stage0 but stage0.config is empty")
+        key = self.targets.baseline_row
+        if key is not None and key not in self.rows:
+            raise ConfigError(f"targets.baseline_row: no row '{key}'.{_closest(key, self.rows)} "
+                              f"Rows: {', '.join(self.rows)}")
+        named = [*((f"train.{k}", s) for k, s in self.train.items()),
+                 *((f"llm_steps.{k}", s) for k, s in self.llm_steps.items())]
+        for name, step in named:
+            if not step.config:
+                raise ConfigError(f"{name}.config: the entry point's YAML is required")
+
+
+def _closest(key: str, valid: Any) -> str:
+    match = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
+    return f" Did you mean '{match[0]}'?" if match else ""
+
+
+# -------------------------------------------------------------------------------------------- step kinds
+@dataclass(frozen=True)
+class Kind:
+    """How to run and recognise one entry point's output."""
+
+    script: str  # scripts/<script>
+    schema: Callable[[], type]  # its config dataclass (imported lazily)
+    done: Callable[[Path], bool]  # is the artefact in this output folder complete?
+    ignore: tuple[str, ...]  # dotted config keys that do not change the artefact (not compared on reuse)
+
+
+def _stage0_schema() -> type:
+    from xraygpt.encoders.pretrain import EncoderPretrainConfig
+
+    return EncoderPretrainConfig
+
+
+def _train_schema() -> type:
+    from xraygpt.train.config import TrainConfig
+
+    return TrainConfig
+
+
+def _llm_schema() -> type:
+    from xraygpt.llm_finetune.config import FinetuneConfig
+
+    return FinetuneConfig
+
+
+def _eval_schema() -> type:
+    from xraygpt.eval.generate import EvalConfig
+
+    return EvalConfig
+
+
+def _stage0_done(d: Path) -> bool:
+    from xraygpt.encoders.pretrain import CHECKPOINT_NAME, META_NAME
+
+    return (d / META_NAME).is_file() and (d / CHECKPOINT_NAME).is_file()
+
+
+def _train_done(d: Path) -> bool:
+    from xraygpt.model import CONFIG_NAME, WEIGHTS_NAME
+
+    return (d / "final" / CONFIG_NAME).is_file() and (d / "final" / WEIGHTS_NAME).is_file()
+
+
+def _llm_done(d: Path) -> bool:
+    from xraygpt.llm_finetune.model import LINEAGE_NAME
+
+    return (d / "final" / LINEAGE_NAME).is_file()  # final/ is replaced atomically, lineage inside
+
+
+def _eval_done(d: Path) -> bool:
+    try:
+        return bool(json.loads((d / "table.json").read_text())["runs"])
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+_RUN_VOLATILE = ("run.output_dir", "run.progress", "run.threads", "run.log_every", "run.resume", "run.device",
+                 "run.stop_after", "run.save_every", "run.keep_last", "run.feature_cache", "run.feature_cache_dir",
+                 "wandb")
+KINDS: dict[str, Kind] = {
+    "stage0": Kind("train_encoder.py", _stage0_schema, _stage0_done,
+                   ("run.output_dir", "run.progress", "run.threads", "run.log_every", "run.force", "run.evaluate")),
+    "llm": Kind("finetune_llm.py", _llm_schema, _llm_done, _RUN_VOLATILE),
+    "train": Kind("train.py", _train_schema, _train_done, _RUN_VOLATILE),
+    "eval": Kind("eval_rouge.py", _eval_schema, _eval_done,
+                 ("output_dir", "progress", "threads", "device", "batch_size")),
+}
+
+
+# ---------------------------------------------------------------------------------------------------- plan
+@dataclass
+class Step:
+    key: str  # unique: stage0, llm/radiology, rows/baseline/stage1, rows/baseline/eval
+    kind: str
+    config: Path
+    overrides: list[str]
+    out_dir: Path
+    resolved: Any = None  # the entry point's config dataclass, built at planning time
+    deps: list[Step] = field(default_factory=list)  # steps whose artefacts this one consumes
+
+    @property
+    def command(self) -> list[str]:
+        return [str(SCRIPTS / KINDS[self.kind].script), "--cfg", str(self.config), *self.overrides]
+
+
+@dataclass
+class RowPlan:
+    id: str
+    name: str
+    encoder: str  # description for the table
+    llm: str
+    steps: list[Step] = field(default_factory=list)
+    eval_dir: Path | None = None
+    skipped: str | None = None  # reason, when the row does not run
+
+
+@dataclass
+class Plan:
+    steps: list[Step]  # every step to run (shared ones once), in order
+    rows: list[RowPlan]
+
+
+def _find_config(p: str, where: str) -> Path:
+    path = Path(p).expanduser()
+    candidates = [path] if path.is_absolute() else [path, REPO / path]
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise ConfigError(f"{where}: config file '{p}' not found (looked in the working directory and in {REPO})")
+
+
+def _build_step(key: str, kind: str, where: str, config: str, overrides: list[str], out_dir: Path) -> Step:
+    path = _find_config(config, f"{where}.config")
+    try:
+        resolved = load_config(KINDS[kind].schema(), path, overrides)
+    except (ConfigError, ValueError) as e:
+        raise ConfigError(f"{where} [step {key}]: {e}") from None
+    return Step(key, kind, path, list(overrides), out_dir, resolved)
+
+
+def _value(value: Any) -> str:
+    """A key=value right-hand side that reads back as this exact string (quoted when YAML would parse it)."""
+    text = str(value)
+    try:
+        same = yaml.safe_load(text) == text
+    except yaml.YAMLError:
+        same = False
+    return text if same else json.dumps(text)
+
+
+def _llm_override(value: str | Path) -> str:
+    return f"model.llm.name_or_path={_value(value)}"
+
+
+def plan_ablation(cfg: AblationConfig) -> Plan:
+    """Every step of the ablation with its config built and checked (nothing runs)."""
+    out = Path(cfg.output_dir)
+    steps: dict[str, Step] = {}
+
+    def chain_skip(chain: list[str]) -> str | None:
+        for name in chain:
+            s = cfg.llm_steps[name]
+            if s.needs_train_file and not s.train_file:
+                return (f"LLM step '{name}' needs conversation data: llm_steps.{name}.train_file is null "
+                        f"(give it, e.g. medical_data=/path/to/conversations.json)")
+        return None
+
+    active = {rid: r for rid, r in cfg.rows.items() if r.enabled}
+    runnable = {rid: r for rid, r in active.items() if chain_skip(r.llm) is None}
+
+    # stage 0: once, if any runnable row uses it; its architecture is every row's encoder architecture.
+    arch = None
+    stage0_ckpt = out / "stage0" / "encoder.safetensors"
+    if cfg.stage0.config:
+        s0 = _build_step("stage0", "stage0", "stage0", cfg.stage0.config,
+                         [*cfg.stage0.overrides, f"run.output_dir={_value(out / 'stage0')}"], out / "stage0")
+        arch = s0.resolved.model.name
+        if any(r.encoder == "stage0" for r in runnable.values()):
+            steps[s0.key] = s0
+    else:
+        s0 = None
+
+    # LLM chains: one output per chain prefix, shared by the rows using it.
+    def llm_chain(chain: list[str], where: str) -> Step | None:
+        prev, prev_step = None, None
+        for i, name in enumerate(chain):
+            s = cfg.llm_steps[name]
+            key = "llm/" + "+".join(chain[:i + 1])
+            d = out / key
+            init = _value(prev) if prev is not None else "null"
+            ov = [*s.overrides, f"run.output_dir={_value(d)}", f"run.init_from={init}", "run.resume=auto"]
+            if cfg.base_llm:
+                ov.append(_llm_override(cfg.base_llm))
+            if s.train_file:
+                ov.append(f"data.train_file={_value(s.train_file)}")
+            if key not in steps:
+                steps[key] = _build_step(key, "llm", f"{where} -> llm_steps.{name}", s.config, ov, d)
+                steps[key].deps = [prev_step] if prev_step else []
+            prev, prev_step = d, steps[key]
+        return prev_step
+
+    stages = [(k, s) for k, s in cfg.train.items() if s.enabled]
+    rows: list[RowPlan] = []
+    base_llm_name = None
+    for rid, row in active.items():
+        name = row.name or rid
+        if row.encoder == "random":
+            enc_desc = f"random init ({arch})" if arch else "random init"
+            enc_ov = ["model.encoder.checkpoint=null"]
+        elif row.encoder == "stage0":
+            enc_desc = f"stage 0 ({arch})"
+            enc_ov = [f"model.encoder.checkpoint={_value(stage0_ckpt)}"]
+        else:
+            enc_desc = row.encoder
+            enc_ov = [f"model.encoder.checkpoint={_value(row.encoder)}"]
+            if not Path(row.encoder).expanduser().is_file():
+                raise ConfigError(f"rows.{rid}.encoder: checkpoint file {row.encoder} not found")
+        if arch and row.encoder in ENCODER_CHOICES:
+            enc_ov = ["model.encoder.type=open_clip", f"model.encoder.name={_value(arch)}", *enc_ov]
+        llm_desc = " -> ".join(row.llm) + " fine-tune" if row.llm else "base"
+        plan = RowPlan(rid, name, enc_desc, llm_desc)
+        rows.append(plan)
+        plan.skipped = chain_skip(row.llm)
+        if plan.skipped:
+            continue
+        llm_step = llm_chain(row.llm, f"rows.{rid}")
+        llm_ov = [_llm_override(llm_step.out_dir / "final")] if llm_step else \
+            ([_llm_override(cfg.base_llm)] if cfg.base_llm else [])
+        deps = [x for x in (s0 if row.encoder == "stage0" else None, llm_step) if x is not None]
+        prev = None
+        for sname, stage in stages:
+            d = out / "rows" / rid / sname
+            ov = [*stage.overrides, *row.train_overrides, f"run.output_dir={_value(d)}", *enc_ov, *llm_ov,
+                  f"run.init_from={_value(prev) if prev is not None else 'null'}", "run.resume=auto"]
+            st = _build_step(f"rows/{rid}/{sname}", "train", f"rows.{rid} (train.{sname})", stage.config, ov, d)
+            if not row.llm and base_llm_name is None:
+                base_llm_name = st.resolved.model.llm.name_or_path
+            st.deps, deps = deps, [st]
+            plan.steps.append(st)
+            steps[st.key] = st
+            prev = d
+        eval_dir = out / "rows" / rid / "eval"
+        ov = [*cfg.eval.overrides, *row.eval_overrides, f"ckpt={_value(prev)}", f"output_dir={_value(eval_dir)}",
+              f"name={_value(name)}", f"control={'true' if cfg.control.enabled else 'false'}", "shuffle_images=false"]
+        ev = _build_step(f"rows/{rid}/eval", "eval", f"rows.{rid} (eval)", cfg.eval.config, ov, eval_dir)
+        ev.deps = deps
+        plan.steps.append(ev)
+        plan.eval_dir = eval_dir
+        steps[ev.key] = ev
+    # Fine-tunes must start from the LLM the other rows use, or the rows do not differ in one thing only.
+    if base_llm_name is not None:
+        for st in steps.values():
+            if st.kind == "llm" and st.resolved.run.init_from is None:
+                theirs = st.resolved.model.llm.name_or_path
+                if theirs != base_llm_name:
+                    raise ConfigError(f"{st.key} fine-tunes '{theirs}' but the base-LLM rows use '{base_llm_name}'; "
+                                      "set base_llm=... so every row starts from the same LLM")
+    order = {"stage0": 0, "llm": 1}
+    ordered = sorted(steps.values(), key=lambda s: order.get(s.kind, 2))  # stable: rows keep their order
+    return Plan(ordered, rows)
+
+
+# ---------------------------------------------------------------------------------------------------- run
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: d}
+
+
+def _identity(step: Step) -> dict[str, Any]:
+    """The step's config minus keys that do not change its artefact, plus a digest of each input step's identity
+    (so a stage made from a changed stage 1 counts as changed too)."""
+    ignore = KINDS[step.kind].ignore
+    flat = _flat(json.loads(json.dumps(to_dict(step.resolved), default=str)))
+    out = {k: v for k, v in flat.items() if not any(k == i or k.startswith(i + ".") for i in ignore)}
+    for dep in step.deps:
+        text = json.dumps(_identity(dep), sort_keys=True)
+        out[f"input {dep.key}"] = hashlib.sha256(text.encode()).hexdigest()[:16]
+    return out
+
+
+def _record(step: Step) -> dict[str, Any] | None:
+    try:
+        return json.loads((step.out_dir / STEP_RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _changed(step: Step, record: dict[str, Any] | None) -> str | None:
+    """Why the step's finished artefact does not match this config (None: it matches, or it has no record)."""
+    if record is None:
+        return None  # made outside the ablation (by hand, run_demo): trusted as it is
+    want, have = _identity(step), record.get("identity", {})
+    diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+    if not diff:
+        return None
+    shown = ", ".join(f"{k} (was {have.get(k)!r}, now {want.get(k)!r})" for k in diff[:6])
+    return f"{step.key}: {step.out_dir} was made with another config, differing at {shown}" + \
+        (" ..." if len(diff) > 6 else "")
+
+
+def _load_script(script: str):
+    path = SCRIPTS / script
+    spec = importlib.util.spec_from_file_location(f"_xraygpt_script_{path.stem}", path)
+    if spec is None or spec.loader is None or not path.is_file():
+        raise AblationError(f"entry point {path} not found (the ablation runs from a repository checkout)")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_step(title: str, step: Step, isolation: str = "subprocess", redo_under: Path | None = None
+             ) -> dict[str, Any]:
+    """Run one entry point unless its artefact is complete; returns {"status": "ran"|"reused", "seconds", ...}.
+
+    A finished artefact whose recorded config differs raises AblationError, or, when `redo_under` is a folder
+    holding the step's output folder, is deleted and made again.
+    """
+    kind = KINDS[step.kind]
+    print(f"\n=== {title}: {step.key}", flush=True)
+    record = _record(step)
+    why = _changed(step, record)
+    if why is not None:
+        if redo_under is None or not step.out_dir.resolve().is_relative_to(Path(redo_under).resolve()):
+            raise AblationError(f"{why}. Delete that folder to redo it (and the steps after it), set "
+                                "on_changed=redo, or choose another output_dir")
+        print(f"    {why}; deleting it and running again (on_changed=redo)", flush=True)
+        shutil.rmtree(step.out_dir)
+    elif kind.done(step.out_dir):
+        print(f"    already done ({step.out_dir}); reusing it, no retraining", flush=True)
+        return {"status": "reused", "seconds": 0.0, "recorded_seconds": (record or {}).get("seconds")}
+    print("    $ " + " ".join(["python", *[str(c) for c in step.command]]), flush=True)
+    t0 = time.perf_counter()
+    if isolation == "subprocess":
+        rc = subprocess.run([sys.executable, *step.command], check=False).returncode
+        if rc != 0:
+            raise AblationError(f"{step.key} failed (exit code {rc}); command: python {' '.join(step.command)}")
+    else:
+        _load_script(kind.script).main(step.command[1:])
+    seconds = round(time.perf_counter() - t0, 1)
+    if not kind.done(step.out_dir):
+        raise AblationError(f"{step.key} finished but {step.out_dir} holds no complete artefact "
+                            f"(command: python {' '.join(step.command)})")
+    rec = {"key": step.key, "kind": step.kind, "config": str(step.config), "overrides": step.overrides,
+           "seconds": seconds, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+           "identity": _identity(step)}
+    atomic_write_text(step.out_dir / STEP_RECORD, json.dumps(rec, indent=1) + "\n")
+    print(f"    done in {seconds:.0f} s", flush=True)
+    return {"status": "ran", "seconds": seconds, "recorded_seconds": seconds}
+
+
+# -------------------------------------------------------------------------------------------------- tables
+def _read_table(eval_dir: Path) -> dict[str, Any]:
+    return json.loads((eval_dir / "table.json").read_text())
+
+
+def _metrics(run: dict[str, Any], keys: list[str]) -> dict[str, dict | None]:
+    return {k: run["metrics"].get(k) for k in keys}
+
+
+def _num(x: Any) -> float | None:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
+
+
+def _val(m: dict | None) -> float | None:
+    return None if not m else _num(m.get("value"))
+
+
+def _fmt(m: dict | None) -> str:
+    if not m or _num(m.get("value")) is None:
+        return "–"
+    lo, hi = _num(m.get("ci_low")), _num(m.get("ci_high"))
+    return f"{m['value']:.3f}" + (f" [{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else "")
+
+
+def _fmt_delta(d: dict | None) -> str:
+    if not d or d.get("delta") is None:
+        return "–"
+    s = f"{d['delta']:+.3f}"
+    if d.get("ci_low") is not None and d.get("ci_high") is not None:
+        s += f" [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"
+    if d.get("p_value") is not None:
+        s += f" (p={d['p_value']:.3g})"
+    return s
+
+
+def collect(cfg: AblationConfig, plan: Plan, timings: list[dict[str, Any]], total_seconds: float) -> dict[str, Any]:
+    """The ablation report from each row's eval table.json (values and CIs as the eval wrote them)."""
+    keys = list(dict.fromkeys([*cfg.metrics, cfg.control.metric, *cfg.targets.vs_control, *cfg.targets.vs_baseline]))
+    rows, tables = [], {}
+    for r in plan.rows:
+        entry: dict[str, Any] = {"id": r.id, "name": r.name, "encoder": r.encoder, "llm": r.llm}
+        if r.skipped:
+            rows.append({**entry, "status": "skipped", "reason": r.skipped})
+            continue
+        table = _read_table(r.eval_dir)
+        tables[r.id] = table
+        main = table["runs"][0]
+        entry.update(status="evaluated", table=str(r.eval_dir / "table.json"), n=main.get("n"),
+                     metrics=_metrics(main, keys))
+        if cfg.control.enabled and len(table["runs"]) > 1:
+            entry["shuffled_metrics"] = _metrics(table["runs"][1], keys)
+        rows.append(entry)
+    evaluated = [r for r in rows if r["status"] == "evaluated"]
+    missing = [r["id"] for r in evaluated if _val(r["metrics"].get(cfg.control.metric)) is None]
+    if missing:
+        raise AblationError(f"control.metric '{cfg.control.metric}' is not in the eval tables of rows {missing}; "
+                            "choose a metric key the eval writes (e.g. ce_micro_f1_14, rougeL) or add its group to "
+                            "the eval config's metrics")
+    best = max(evaluated, key=lambda r: r["metrics"][cfg.control.metric]["value"]) if evaluated else None
+    report: dict[str, Any] = {"name": cfg.name, "output_dir": cfg.output_dir, "metrics": cfg.metrics,
+                              "best_by": cfg.control.metric, "best_row": best["id"] if best else None, "rows": rows}
+    control = None
+    if best is not None and cfg.control.enabled:
+        runs = tables[best["id"]]["runs"]
+        if len(runs) < 2:
+            raise AblationError(f"the eval table of row '{best['id']}' has no shuffled-image run; the control needs "
+                                "the eval's control=true")
+        control = {"name": f"{best['name']}, shuffled images (control)", "of_row": best["id"], "n": runs[1].get("n"),
+                   "table": best["table"], "metrics": _metrics(runs[1], keys)}
+        report["control"] = control
+    deltas: dict[str, dict[str, Any]] = {}
+    if best is not None and control is not None:
+        best_runs = tables[best["id"]]["runs"]
+        paired = next((p for p in tables[best["id"]].get("paired", []) if p.get("run") == best_runs[1]["name"]), {})
+        deltas["best_minus_control"] = {}
+        for k in keys:
+            a, b = _val(best["metrics"].get(k)), _val(control["metrics"].get(k))
+            if a is None or b is None:
+                continue
+            d: dict[str, Any] = {"delta": a - b}
+            pm = paired.get("metrics", {}).get(k)
+            if pm and pm.get("ci_low") is not None:  # the eval's paired test is control - best: negate it
+                d.update(ci_low=0.0 - pm["ci_high"], ci_high=0.0 - pm["ci_low"], p_value=pm.get("p_value"))
+            deltas["best_minus_control"][k] = d
+    base = next((r for r in evaluated if r["id"] == cfg.targets.baseline_row), None)
+    if best is not None and base is not None:
+        deltas["best_minus_baseline"] = {}
+        for k in keys:
+            a, b = _val(best["metrics"].get(k)), _val(base["metrics"].get(k))
+            if a is not None and b is not None:
+                deltas["best_minus_baseline"][k] = {"delta": a - b}
+    report["deltas"] = deltas
+    checks = []
+    for k, thr in cfg.targets.vs_control.items():
+        d = deltas.get("best_minus_control", {}).get(k)
+        checks.append({"target": f"best - control {k} >= {thr}", "delta": d["delta"] if d else None,
+                       "holds": bool(d and d["delta"] >= thr - 1e-12)})
+    for k, thr in cfg.targets.vs_baseline.items():
+        d = deltas.get("best_minus_baseline", {}).get(k)
+        checks.append({"target": f"best - baseline {k} > {thr}", "delta": d["delta"] if d else None,
+                       "holds": bool(d and d["delta"] > thr)})
+    compute = sum((t.get("recorded_seconds") or 0.0) for t in timings)
+    if cfg.targets.max_minutes is not None:
+        checks.append({"target": f"compute time of all steps <= {cfg.targets.max_minutes:g} min",
+                       "delta": round(compute / 60, 2), "holds": compute / 60 <= cfg.targets.max_minutes,
+                       "complete": all(t.get("recorded_seconds") is not None for t in timings)})
+    report["targets"] = {"checks": checks, "all_hold": all(c["holds"] for c in checks)}
+    report["timings"] = {"steps": timings, "this_run_s": round(total_seconds, 1), "compute_s": round(compute, 1)}
+    return report
+
+
+def to_markdown(report: dict[str, Any]) -> str:
+    keys = report["metrics"]
+    heads = [LABELS.get(k, k) for k in keys]
+    out = [f"# {report['name']}", ""]
+    ev = [r for r in report["rows"] if r["status"] == "evaluated"]
+    if ev:
+        out.append(f"Each row trained and evaluated alike; N = {ev[0].get('n')} test samples; 95% bootstrap intervals "
+                   "as in each row's eval table (`table.json`). Best row by "
+                   f"{LABELS.get(report['best_by'], report['best_by'])}: **{report['best_row']}**.")
+        out.append("")
+    out += ["| Method | encoder | LLM | " + " | ".join(heads) + " |", "|" + "---|" * (3 + len(keys))]
+    for r in report["rows"]:
+        if r["status"] == "skipped":
+            out.append(f"| {r['name']} | {r['encoder']} | {r['llm']} | " +
+                       " | ".join(["–"] * len(keys)) + " |")
+            continue
+        bold = "**" if r["id"] == report["best_row"] else ""
+        out.append(f"| {bold}{r['name']}{bold} | {r['encoder']} | {r['llm']} | " +
+                   " | ".join(_fmt(r["metrics"].get(k)) for k in keys) + " |")
+    c = report.get("control")
+    if c:
+        best = next(r for r in ev if r["id"] == c["of_row"])
+        out.append(f"| {c['name']} | {best['encoder']} | {best['llm']} | " +
+                   " | ".join(_fmt(c["metrics"].get(k)) for k in keys) + " |")
+    skipped = [r for r in report["rows"] if r["status"] == "skipped"]
+    if skipped:
+        out += [""] + [f"- {r['name']} not run: {r['reason']}." for r in skipped]
+    deltas = report["deltas"]
+    if deltas:
+        out += ["", "Differences (best row minus the other; best − control with the eval's paired bootstrap "
+                    "interval and p):", ""]
+        out += ["| | " + " | ".join(heads) + " |", "|" + "---|" * (1 + len(keys))]
+        for name, label in (("best_minus_control", "best − control"), ("best_minus_baseline", "best − baseline")):
+            if name in deltas:
+                out.append(f"| {label} | " + " | ".join(_fmt_delta(deltas[name].get(k)) for k in keys) + " |")
+    shuffled = [r for r in ev if r.get("shuffled_metrics")]
+    if shuffled:
+        out += ["", "Image contribution per row (row minus its own shuffled-image control):", ""]
+        out += ["| Method | " + " | ".join(heads) + " |", "|" + "---|" * (1 + len(keys))]
+        for r in shuffled:
+            cells = []
+            for k in keys:
+                a, b = _val(r["metrics"].get(k)), _val(r["shuffled_metrics"].get(k))
+                cells.append("–" if a is None or b is None else f"{a - b:+.3f}")
+            out.append(f"| {r['name']} | " + " | ".join(cells) + " |")
+    t = report["targets"]
+    out += ["", f"Targets ({'all hold' if t['all_hold'] else 'NOT all hold'}):", "", "| target | value | holds |",
+            "|---|---|---|"]
+    for chk in t["checks"]:
+        v = "–" if chk["delta"] is None else (f"{chk['delta']:.2f} min" if "min" in chk["target"]
+                                              else f"{chk['delta']:+.3f}")
+        out.append(f"| {chk['target']} | {v} | {'yes' if chk['holds'] else 'no'} |")
+    tm = report["timings"]
+    out += ["", f"Steps (this run {tm['this_run_s']:.0f} s; compute of all steps incl. earlier runs "
+                f"{tm['compute_s']:.0f} s):", "", "| step | status | seconds | recorded seconds |", "|---|---|---|---|"]
+    for s in tm["steps"]:
+        rec = s.get("recorded_seconds")
+        out.append(f"| {s['step']} | {s['status']} | {s['seconds']:.0f} | {'–' if rec is None else f'{rec:.0f}'} |")
+    return "\n".join(out) + "\n"
+
+
+def run_ablation(cfg: AblationConfig) -> dict[str, Any]:
+    """Plan (every config checked), run what is missing, then write ablation.md / ablation.json."""
+    t0 = time.perf_counter()
+    plan = plan_ablation(cfg)
+    out = Path(cfg.output_dir)
+    print(f"Ablation '{cfg.name}': {len(plan.rows)} rows, {len(plan.steps)} steps -> {out}", flush=True)
+    for r in plan.rows:
+        print(f"  {r.name}: encoder {r.encoder}, LLM {r.llm}" + (f"  [skipped: {r.skipped}]" if r.skipped else ""))
+    timings = []
+    for i, step in enumerate(plan.steps, 1):
+        res = run_step(f"[{i}/{len(plan.steps)}]", step, cfg.isolation,
+                       redo_under=out if cfg.on_changed == "redo" else None)
+        timings.append({"step": step.key, **res})
+    report = collect(cfg, plan, timings, time.perf_counter() - t0)
+    md = to_markdown(report)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "ablation.json", json.dumps(report, indent=2, allow_nan=False) + "\n")
+    atomic_write_text(out / "ablation.md", md)
+    report["files"] = {"md": str(out / "ablation.md"), "json": str(out / "ablation.json")}
+    report["markdown"] = md
+    return report
+
+
+def load_ablation_config(path: str | Path | None, overrides: list[str] = ()) -> AblationConfig:
+    return load_config(AblationConfig, path, list(overrides))

@@ -52,6 +52,7 @@ class Ctx:
     tiny_llm_dir: Path
     model_dir: Path
     trained_run: Path
+    toy_data: Path
     guarded: dict[Path, bytes]
 
     def guard(self, *paths: Path) -> None:
@@ -182,6 +183,18 @@ def train_zero_byte_image(ctx: Ctx) -> Result:
     root = dataset(ctx, {"a.png": png8(0), "b.png": png8(1), "empty.jpg": zero_bytes, "c.png": png8(2)})
     cfg = make_cfg(ctx.tiny_llm_dir, root, ctx.run_copy(), "run.resume=auto", "run.max_steps=4")
     cfg.data.val_ann_file = None
+    return lib(lambda: train(cfg))
+
+
+def train_resume_from_damaged_checkpoint(ctx: Ctx) -> Result:
+    from xraygpt.train.trainer import train
+
+    out = ctx.tmp / "run"
+    shutil.copytree(ctx.trained_run, out)
+    state = out / "checkpoints" / "step_000002" / "training_state.pt"
+    state.write_bytes(state.read_bytes()[:1000])  # a disk error after the checkpoint was committed
+    ctx.guard(out / "final", out / "checkpoints" / "step_000002" / "model.safetensors")
+    cfg = make_cfg(ctx.tiny_llm_dir, ctx.toy_data, out, "run.resume=auto", "run.max_steps=4")
     return lib(lambda: train(cfg))
 
 
@@ -426,6 +439,8 @@ CASES = [
          (r"filter_cap.json: annotations\[1\] image_id 'ghost' has no image", r"data.on_missing=skip")),
     Case("zero-byte image", "train", train_zero_byte_image,
          (r"annotations\[2\] image_id 'empty'", r"empty.jpg is empty \(0 bytes\)", r"re-export")),
+    Case("damaged checkpoint on resume", "train", train_resume_from_damaged_checkpoint,
+         (r"step_000002/training_state.pt: cannot read it", r"delete .*step_000002 and resume from an earlier")),
     Case("truncated JPEG", "eval", eval_truncated_jpeg,
          (r"cut.jpg", r"annotations\[2\], image_id 'cut'", r"truncated", r"re-export")),
     Case("16-bit PNG", "eval", eval_16bit_png_works, (r'"image_id": "film16"',), works=True),
@@ -490,8 +505,8 @@ def trained_run(tiny_llm_dir, toy_data, tmp_path_factory):  # noqa: F811
 
 
 @pytest.mark.parametrize("case", CASES, ids=[f"{c.entry}: {c.name}" for c in CASES])
-def test_bad_input(case, tmp_path, tiny_llm_dir, model_dir, trained_run):  # noqa: F811
-    ctx = Ctx(tmp_path, Path(tiny_llm_dir), Path(model_dir), trained_run, {})
+def test_bad_input(case, tmp_path, tiny_llm_dir, model_dir, trained_run, toy_data):  # noqa: F811
+    ctx = Ctx(tmp_path, Path(tiny_llm_dir), Path(model_dir), trained_run, Path(toy_data), {})
     result = case.run(ctx)
     if case.works:
         assert not result.failed, result.message

@@ -35,7 +35,7 @@ class LLMConfig:
     """Which causal LM to load and how. Every field is JSON-serialisable (it is saved with the model)."""
 
     name_or_path: str = EMBEDDED_SMOLLM2  # hub id, local HF folder, path to a .gguf, or "embedded:smollm2"
-    dtype: str = "float32"  # float32 | bfloat16 | float16
+    dtype: str = "float32"  # float32 | bfloat16 | float16 | auto (bfloat16 where the hardware computes it fast)
     device_map: str | None = None  # e.g. "auto" to spread a 7B model over GPUs; None = caller places it
     load_in_8bit: bool = False  # needs bitsandbytes
     load_in_4bit: bool = False  # needs bitsandbytes
@@ -45,13 +45,31 @@ class LLMConfig:
     gradient_checkpointing: bool = False
 
     def validate(self) -> None:
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"llm.dtype must be one of {sorted(_DTYPES)}, got '{self.dtype}'")
+        if self.dtype not in _DTYPES and self.dtype != "auto":
+            raise ValueError(f"llm.dtype must be 'auto' or one of {sorted(_DTYPES)}, got '{self.dtype}'")
         if self.load_in_8bit and self.load_in_4bit:
             raise ValueError("llm.load_in_8bit and llm.load_in_4bit are exclusive: pick one")
 
 
+def cpu_has_fast_bf16() -> bool:
+    """True on CPUs with AMX or AVX512-BF16 (oneDNN runs bf16 matmuls there ~1.6x faster than fp32 for SmolLM2)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def auto_dtype() -> torch.dtype:
+    """`dtype: auto`: bfloat16 on a bf16-capable GPU or CPU (frozen weights only; the projection stays fp32)."""
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+
+
 def torch_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        return auto_dtype()
     try:
         return _DTYPES[name]
     except KeyError:

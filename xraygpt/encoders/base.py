@@ -166,11 +166,13 @@ def load_state_dict_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tenso
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # torch raises several types for corrupt or code-carrying pickles
+            from xraygpt.model import refusal_reason
+
             raise ValueError(
-                f"Could not read checkpoint {path} with torch.load(weights_only=True): {e}\n"
+                f"Could not read checkpoint {path} with torch.load(weights_only=True): {refusal_reason(e)}. "
                 "Only plain tensor state dicts are accepted (no pickled code); re-save it with "
                 "torch.save(model.state_dict(), path) or as safetensors."
-            ) from e
+            ) from None
     for wrapper in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]

@@ -163,6 +163,14 @@ def validate_answer(job: ChatJob, text: str) -> str | None:
     return None if parse_verdict(text) else "no final line 'Answer: A', 'Answer: B' or 'Answer: tie'"
 
 
+def _safe_config(cfg: JudgeConfig) -> dict[str, Any]:
+    """The config as saved in the report: a key pasted into the endpoint URL (user:key@host) is removed."""
+    d = asdict(cfg)
+    if d.get("endpoint", {}).get("base_url"):
+        d["endpoint"]["base_url"] = safe_url(d["endpoint"]["base_url"])
+    return d
+
+
 def run1_position(seed: int, image_id: str) -> str:
     """Where run 1's prediction goes for this sample, 'A' or 'B': a hash, so independent of order and limit."""
     return "A" if hashlib.sha256(f"{seed}:{image_id}".encode()).digest()[0] % 2 == 0 else "B"
@@ -450,7 +458,7 @@ def judge_runs(cfg: JudgeConfig, out: TextIO | None = None) -> dict[str, Any]:
                      "data_use": data_use},
         "usage": client.stats.as_dict(ep),
         "usage_summary": client.stats.summary(ep),
-        "config": asdict(cfg),
+        "config": _safe_config(cfg),
     }
     paths = write_report(report, records, out_dir)
     report["files"] = {k: str(v) for k, v in paths.items()}

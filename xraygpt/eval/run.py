@@ -6,12 +6,16 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from xraygpt.eval.generate import EvalConfig, generate_predictions, load_model
 from xraygpt.eval.tables import compare, to_markdown, write_tables
 
 
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Predictions for the split, tables (md/json/csv) in cfg.output_dir; returns the report dict."""
+    if cfg.device == "cuda" and not torch.cuda.is_available():  # before minutes of model loading
+        raise RuntimeError("device=cuda but no CUDA/ROCm GPU is visible to torch; use device=cpu (or auto)")
     model = load_model(cfg.ckpt, cfg.model)
     runs, names = [generate_predictions(cfg, model)], [cfg.name]
     if cfg.control and not cfg.shuffle_images:

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from xraygpt.config import atomic_write_text
+from xraygpt.model import refusal_reason
 
 STEP_RE = re.compile(r"^step_(\d{6,})$")
 LATEST = "latest"
@@ -147,8 +148,6 @@ def load_tensors(path: Path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        from xraygpt.model import refusal_reason
-
         raise ValueError(f"{path}: refusing to load it with weights_only=True ({refusal_reason(e)}). "
                          f"scripts/train.py writes plain tensors only, so this file was not written by it: delete "
                          f"{path.parent} and resume from an earlier checkpoint") from None

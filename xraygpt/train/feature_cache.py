@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +47,14 @@ def load_or_build(encoder, dataset, *, accelerator, batch_size: int, root: str |
     if (folder / COMPLETE).is_file():
         return np.load(final, mmap_mode="r")
     n, shape = len(dataset), (len(dataset), encoder.num_tokens, encoder.hidden_size)
-    tmp = folder / "features.npy.partial"
+    # A name of its own per job: two runs building the same cache at once must not share (and rename away) one
+    # temp file; the ranks of one job agree on the main rank's name.
+    name = [f"features.npy.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}" if accelerator.is_main_process else None]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(name)
+    tmp = folder / name[0]
     if accelerator.is_main_process:
         folder.mkdir(parents=True, exist_ok=True)
         open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape).flush()

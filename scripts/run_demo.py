@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import shutil
 import subprocess
 import sys
@@ -69,8 +70,11 @@ def main(argv: list[str] | None = None) -> None:
     for rec in preds:
         print(f"--- {rec['image_id']}\n  reference : {rec['reference']}\n  generated : {rec['prediction']}")
     total = time.perf_counter() - t0
-    (out / "demo_timings.json").write_text(json.dumps({"steps_s": timings, "total_s": round(total, 1)}, indent=2))
-    print(f"\nDemo finished in {total / 60:.1f} min (per step: {timings}).")
+    # ru_maxrss of RUSAGE_CHILDREN: the largest peak RSS of any step (each runs in its own process), in KiB
+    peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    (out / "demo_timings.json").write_text(json.dumps({"steps_s": timings, "total_s": round(total, 1),
+                                                       "peak_rss_mib": round(peak_mib, 1)}, indent=2))
+    print(f"\nDemo finished in {total / 60:.1f} min (per step: {timings}); peak RSS of a step {peak_mib:.0f} MiB.")
     print(f"Web demo on this model:  .venv/bin/python scripts/demo.py --ckpt {args.out}/stage2   (opens on 127.0.0.1)")
 
 

@@ -3,10 +3,11 @@
     python scripts/run_demo.py [--out outputs/demo] [--fresh]
 
 1. build the embedded paired dataset (real IU reports + rendered radiographs)      scripts/build_embedded_data.py
-2. stage 0: pretrain the small MedCLIP-style encoder                              configs/demo/stage0_encoder.yaml
-3. stage 1: align the projection (SmolLM2-135M, frozen)                           configs/demo/stage1.yaml
-4. stage 2: continue from stage 1                                                 configs/demo/stage2.yaml
-5. evaluate on the test split against the shuffled-image control                  configs/demo/eval.yaml
+2. convert the SmolLM2 GGUF into a plain HF folder once (own process: keeps its memory peak out of training)
+3. stage 0: pretrain the small MedCLIP-style encoder                              configs/demo/stage0_encoder.yaml
+4. stage 1: align the projection (SmolLM2-135M, frozen)                           configs/demo/stage1.yaml
+5. stage 2: continue from stage 1                                                 configs/demo/stage2.yaml
+6. evaluate on the test split against the shuffled-image control                  configs/demo/eval.yaml
 Each step is skipped when its output already exists, so a rerun only does what is missing.
 """
 
@@ -49,18 +50,21 @@ def main(argv: list[str] | None = None) -> None:
     timings: dict[str, float] = {}
     o = f"run.output_dir={args.out}"
     enc = f"{args.out}/stage0/encoder.safetensors"
-    step("1/5 embedded data", out / ".data_built", ["scripts/build_embedded_data.py"], timings)
+    step("1/6 embedded data", out / ".data_built", ["scripts/build_embedded_data.py"], timings)
     (out / ".data_built").parent.mkdir(parents=True, exist_ok=True)
     (out / ".data_built").touch()
-    step("2/5 stage 0 encoder", out / "stage0" / "encoder.safetensors",
+    # Converting the GGUF once in its own process keeps its ~2 GB peak out of the training step's memory.
+    step("2/6 LLM: SmolLM2 GGUF -> HF folder (once)", out / ".llm_ready", ["-m", "xraygpt.llm"], timings)
+    (out / ".llm_ready").touch()
+    step("3/6 stage 0 encoder", out / "stage0" / "encoder.safetensors",
          ["scripts/train_encoder.py", "--cfg", "configs/demo/stage0_encoder.yaml", f"{o}/stage0"], timings)
-    step("3/5 stage 1", out / "stage1" / "final" / "xraygpt_config.json",
+    step("4/6 stage 1", out / "stage1" / "final" / "xraygpt_config.json",
          ["scripts/train.py", "--cfg", "configs/demo/stage1.yaml", f"{o}/stage1", f"model.encoder.checkpoint={enc}"],
          timings)
-    step("4/5 stage 2", out / "stage2" / "final" / "xraygpt_config.json",
+    step("5/6 stage 2", out / "stage2" / "final" / "xraygpt_config.json",
          ["scripts/train.py", "--cfg", "configs/demo/stage2.yaml", f"{o}/stage2", f"model.encoder.checkpoint={enc}",
           f"run.init_from={args.out}/stage1"], timings)
-    step("5/5 evaluation", out / "eval" / "table.json",
+    step("6/6 evaluation", out / "eval" / "table.json",
          ["scripts/eval_rouge.py", "--cfg", "configs/demo/eval.yaml", f"ckpt={args.out}/stage2",
           f"output_dir={args.out}/eval"], timings)
 

@@ -211,3 +211,9 @@ def load_llm(cfg: LLMConfig):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     freeze(model)
     return model, tokenizer
+
+
+if __name__ == "__main__":  # python -m xraygpt.llm [name_or_path]: prepare (convert once) and print the folder
+    import sys
+
+    print(resolve_llm_path(sys.argv[1] if len(sys.argv) > 1 else EMBEDDED_SMOLLM2)[0])

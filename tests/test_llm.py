@@ -89,3 +89,24 @@ def test_bad_dtype_and_exclusive_quantization():
 def test_8bit_without_bitsandbytes_is_clear(smollm2_dir):
     with pytest.raises(ImportError, match="pip install bitsandbytes"):
         load_llm(LLMConfig(name_or_path=str(smollm2_dir), load_in_8bit=True))
+
+
+def test_conversion_leaves_the_callers_rng_alone(tmp_path):
+    """A cold cache (conversion draws random init weights) and a warm one must give a seeded run the same RNG
+    stream: measured before the fix, the demo's stage 1 trained a different projection on a cold cache."""
+    from xraygpt.assets import smollm2_gguf
+
+    torch.manual_seed(0)
+    expected = torch.rand(4)
+    torch.manual_seed(0)
+    convert_gguf_to_hf(smollm2_gguf(), cache_root=tmp_path)  # a real conversion into an empty cache
+    assert torch.equal(torch.rand(4), expected)
+
+
+def test_auto_dtype_is_bf16_only_where_fast():
+    from xraygpt.llm import auto_dtype, cpu_has_fast_bf16, torch_dtype
+
+    assert torch_dtype("auto") == auto_dtype()
+    if not torch.cuda.is_available():
+        assert auto_dtype() == (torch.bfloat16 if cpu_has_fast_bf16() else torch.float32)
+    LLMConfig(dtype="auto").validate()

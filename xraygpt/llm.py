@@ -99,6 +99,13 @@ def convert_gguf_to_hf(gguf_path: str | Path, cache_root: Path | None = None) ->
     if (target / "config.json").is_file() and (target / "tokenizer_config.json").is_file():
         return target
 
+    # Building the plain model draws random init weights: keep that off the caller's RNG, so a seeded run gives
+    # the same projection init and batches whether or not this call had to convert (a cold vs a warm cache).
+    with torch.random.fork_rng(devices=[]):
+        return _convert(gguf_path, root, target)
+
+
+def _convert(gguf_path: Path, root: Path, target: Path) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     t0 = time.perf_counter()

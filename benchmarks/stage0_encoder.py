@@ -1,6 +1,6 @@
 """Stage 0 from nothing: build the embedded data, pretrain the encoder, score it against random weights.
 
-    python benchmarks/stage0_encoder.py [--cfg configs/demo/stage0_encoder.yaml] [--out benchmarks/results/stage0_encoder.json]
+    python benchmarks/stage0_encoder.py [--cfg configs/demo/stage0_encoder.yaml] [--out <json>] [key=value ...]
 
 Issue 4 asks for data build + stage 0 under 8 minutes on the 2-core machine, and for the trained encoder to
 clearly beat the same architecture with random weights on image->text retrieval (R@1/5/10) and on a linear

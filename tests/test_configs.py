@@ -6,12 +6,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import REPO
 
 from xraygpt.config import load_config
 from xraygpt.eval.generate import EvalConfig
 from xraygpt.train.config import TrainConfig
-
-from conftest import REPO
 
 CONFIGS = REPO / "configs"
 

@@ -1,7 +1,13 @@
 import pytest
 
-from xraygpt.conversation import (DEFAULT_INSTRUCTION, get_template, pick_instruction, read_prompt_file,
-                                  default_prompt_file, with_image)
+from xraygpt.conversation import (
+    DEFAULT_INSTRUCTION,
+    default_prompt_file,
+    get_template,
+    pick_instruction,
+    read_prompt_file,
+    with_image,
+)
 
 
 def test_default_template_matches_original_code():

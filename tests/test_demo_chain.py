@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import REPO
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 

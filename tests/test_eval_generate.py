@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from test_train_recipe import tiny_llm_dir, toy_data  # noqa: F401  (module-scoped fixtures)
 
 from xraygpt.eval.generate import EvalConfig, EvalDataConfig, derangement, generate_predictions
 from xraygpt.eval.run import evaluate
-from xraygpt.model import GenerationConfig, ModelConfig, XrayGPT
 from xraygpt.llm import LLMConfig
-
-from test_train_recipe import tiny_llm_dir, toy_data  # noqa: F401  (module-scoped fixtures)
+from xraygpt.model import GenerationConfig, ModelConfig, XrayGPT
 
 
 @pytest.fixture(scope="module")

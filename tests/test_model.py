@@ -4,12 +4,11 @@ import pickle
 
 import pytest
 import torch
+from conftest import make_tiny_llm
 
 from xraygpt.encoders import EncoderConfig, build_encoder
 from xraygpt.model import GenerationConfig, ModelConfig, XrayGPT
 from xraygpt.processing import IGNORE_INDEX, IMAGE_TOKEN_ID
-
-from conftest import make_tiny_llm
 
 
 @pytest.fixture()

@@ -1,7 +1,6 @@
 """Exact token layouts: image slots, label masks, padding sides (real SmolLM2 tokenizer)."""
 
 import pytest
-import torch
 
 from xraygpt.conversation import get_template
 from xraygpt.processing import IGNORE_INDEX, IMAGE_TOKEN_ID, PromptProcessor

@@ -11,13 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, make_tiny_llm
 from PIL import Image
 
 from xraygpt.config import load_config
 from xraygpt.train.config import TrainConfig
 from xraygpt.train.trainer import TrainingError, train
-
-from conftest import REPO, make_tiny_llm
 
 CAPTIONS = ["The lungs are clear. No acute disease.", "Small right pleural effusion.",
             "Heart size is enlarged. Mild edema.", "Left lower lobe opacity, likely pneumonia."]

@@ -1,6 +1,5 @@
 """Recipe units: schedule values, batch plan, optimizer groups, checkpoint atomicity, strict configs."""
 
-import math
 
 import pytest
 import torch

@@ -39,7 +39,13 @@ from xraygpt.train.batches import BatchPlan
 from xraygpt.train.metrics_log import MetricsLogger
 from xraygpt.train.optim import build_optimizer
 from xraygpt.train.schedule import build_scheduler
-from xraygpt.train.trainer import TrainingError, build_accelerator, loader_generator, prepare_output_dir
+from xraygpt.train.trainer import (
+    TrainingError,
+    build_accelerator,
+    loader_generator,
+    prepare_output_dir,
+    resume_training,
+)
 
 log = logging.getLogger(__name__)
 
@@ -136,23 +142,11 @@ class FinetuneTrainer:
         return self.accelerator.unwrap_model(self.model)
 
     def _resume(self) -> None:
-        cfg, out = self.cfg, self.output_dir
-        if cfg.run.resume == "never":
-            return
-        if self.is_main:
-            ckpt.clean_partial(out)
-        self.accelerator.wait_for_everyone()
-        target = ckpt.latest_checkpoint(out) if cfg.run.resume == "auto" else Path(cfg.run.resume)
-        if target is None:
-            log.info("run.resume=auto: no checkpoint in %s, starting fresh", out)
-            return
-        if not (target / ckpt.STATE_NAME).is_file():
-            raise TrainingError(f"run.resume={cfg.run.resume}: {target} is not a complete checkpoint")
-        ft_model.load_trainable(self._unwrapped(), target / ft_model.TRAINABLE_NAME)
-        ckpt.load_training_state(target, self.optimizer, self.scheduler, self.accelerator.process_index)
-        self.state = ckpt.read_state(target)
-        if self.is_main:
-            log.info("resumed from %s (step %d)", target, self.state.step)
+        state = resume_training(self.cfg.run.resume, self.output_dir, self.accelerator, self.optimizer,
+                                self.scheduler, lambda target: ft_model.load_trainable(
+                                    self._unwrapped(), target / ft_model.TRAINABLE_NAME))  # fmt: skip
+        if state is not None:
+            self.state = state
 
     # -------------------------------------------------------------------------------------------- steps
     def _loader(self, start: int, end: int) -> DataLoader:

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,29 @@ def loader_generator() -> torch.Generator:
     """A DataLoader draws a seed from the global RNG each time it is iterated unless given its own generator; a
     resumed run iterates a new loader, so the global RNG (dropout, sampling) would drift from an uninterrupted run."""
     return torch.Generator().manual_seed(0)
+
+
+def resume_training(resume: str, out: Path, accelerator, optimizer, scheduler,
+                    load_weights: Callable[[Path], Any]) -> ckpt.TrainerState | None:
+    """`run.resume` (never | auto | <checkpoint dir>): drop partial saves, find the checkpoint, restore the trained
+    weights (`load_weights(step_dir)`, the trainer's own format), optimizer, scheduler and RNG; its state, or None."""
+    if resume == "never":
+        return None
+    if accelerator.is_main_process:
+        ckpt.clean_partial(out)
+    accelerator.wait_for_everyone()
+    target = ckpt.latest_checkpoint(out) if resume == "auto" else Path(resume)
+    if target is None:
+        log.info("run.resume=auto: no checkpoint in %s, starting fresh", out)
+        return None
+    if not (target / ckpt.STATE_NAME).is_file():
+        raise TrainingError(f"run.resume={resume}: {target} is not a complete checkpoint")
+    load_weights(target)
+    ckpt.load_training_state(target, optimizer, scheduler, accelerator.process_index)
+    state = ckpt.read_state(target)
+    if accelerator.is_main_process:
+        log.info("resumed from %s (step %d)", target, state.step)
+    return state
 
 
 def prepare_output_dir(cfg: TrainConfig) -> Path:
@@ -130,23 +154,11 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ resume
     def _resume(self) -> None:
-        cfg, out = self.cfg, self.output_dir
-        if cfg.run.resume == "never":
-            return
-        if self.is_main:
-            ckpt.clean_partial(out)
-        self.accelerator.wait_for_everyone()
-        target = ckpt.latest_checkpoint(out) if cfg.run.resume == "auto" else Path(cfg.run.resume)
-        if target is None:
-            log.info("run.resume=auto: no checkpoint in %s, starting fresh", out)
-            return
-        if not (target / ckpt.STATE_NAME).is_file():
-            raise TrainingError(f"run.resume={cfg.run.resume}: {target} is not a complete checkpoint")
-        self._unwrapped().load_trainable(target / "model.safetensors")
-        ckpt.load_training_state(target, self.optimizer, self.scheduler, self.accelerator.process_index)
-        self.state = ckpt.read_state(target)
-        if self.is_main:
-            log.info("resumed from %s (step %d)", target, self.state.step)
+        state = resume_training(self.cfg.run.resume, self.output_dir, self.accelerator, self.optimizer,
+                                self.scheduler, lambda target: self._unwrapped().load_trainable(
+                                    target / "model.safetensors"))  # fmt: skip
+        if state is not None:
+            self.state = state
 
     # -------------------------------------------------------------------------------------------- steps
     def _loader(self, start: int, end: int) -> DataLoader:

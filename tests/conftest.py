@@ -50,6 +50,20 @@ def make_tiny_llm(vocab_size: int, seed: int = 0, hidden: int = 64):
     return model
 
 
+def make_tiny_xraygpt(tokenizer):
+    """The embedded encoder (seeded random) + a tiny LLaMA, with a projection large enough (std 0.5) that the
+    image visibly changes what is generated: the model the inference, chat and web-demo tests share."""
+    from xraygpt.encoders import EncoderConfig, build_encoder
+    from xraygpt.model import ModelConfig, XrayGPT
+
+    torch.manual_seed(0)
+    m = XrayGPT(ModelConfig(), encoder=build_encoder(EncoderConfig()), llm=make_tiny_llm(len(tokenizer)),
+                tokenizer=tokenizer)
+    torch.manual_seed(1)
+    torch.nn.init.normal_(m.llama_proj.weight, std=0.5)
+    return m
+
+
 @pytest.fixture()
 def tiny_llm(tokenizer):
     return make_tiny_llm(len(tokenizer))

@@ -6,12 +6,10 @@ import warnings
 
 import pytest
 import torch
-from conftest import make_tiny_llm
+from conftest import make_tiny_xraygpt
 
 from xraygpt.assets import pediatric_cxr_jpegs
 from xraygpt.chat import Conversation, Turn
-from xraygpt.encoders import EncoderConfig, build_encoder
-from xraygpt.model import ModelConfig, XrayGPT
 from xraygpt.processing import IMAGE_TOKEN_ID
 
 Q1, Q2, Q3 = "Describe the given chest x-ray image in detail.", "Is the heart enlarged?", "Any pleural effusion?"
@@ -19,12 +17,7 @@ Q1, Q2, Q3 = "Describe the given chest x-ray image in detail.", "Is the heart en
 
 @pytest.fixture(scope="module")
 def model(tokenizer):
-    torch.manual_seed(0)
-    m = XrayGPT(ModelConfig(), encoder=build_encoder(EncoderConfig()), llm=make_tiny_llm(len(tokenizer)),
-                tokenizer=tokenizer)
-    torch.manual_seed(1)
-    torch.nn.init.normal_(m.llama_proj.weight, std=0.5)
-    return m
+    return make_tiny_xraygpt(tokenizer)
 
 
 @pytest.fixture(scope="module")

@@ -7,26 +7,20 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_llm
+from conftest import make_tiny_xraygpt
 from PIL import Image
 
 from xraygpt.assets import pediatric_cxr_jpegs
 from xraygpt.data.image_processing import ImageTransform, load_image
 from xraygpt.encoders import EncoderConfig, build_encoder
 from xraygpt.inference import generation_config, summarize, to_pixels
-from xraygpt.model import ModelConfig, XrayGPT
 
 GEN = dict(max_new_tokens=6)
 
 
 @pytest.fixture(scope="module")
 def model(tokenizer):
-    torch.manual_seed(0)
-    m = XrayGPT(ModelConfig(), encoder=build_encoder(EncoderConfig()), llm=make_tiny_llm(len(tokenizer)),
-                tokenizer=tokenizer)
-    torch.manual_seed(1)
-    torch.nn.init.normal_(m.llama_proj.weight, std=0.5)
-    return m
+    return make_tiny_xraygpt(tokenizer)
 
 
 @pytest.fixture(scope="module")

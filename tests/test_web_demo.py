@@ -13,15 +13,12 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import REPO, make_tiny_llm
+from conftest import REPO, make_tiny_xraygpt
 from PIL import Image
 
 from xraygpt.assets import pediatric_cxr_jpegs
 from xraygpt.chat import Conversation
 from xraygpt.conversation import DEFAULT_INSTRUCTION
-from xraygpt.encoders import EncoderConfig, build_encoder
-from xraygpt.model import ModelConfig, XrayGPT
 
 gr = pytest.importorskip("gradio", reason="the web demo needs the 'demo' extra: pip install 'xraygpt[demo]'")
 from xraygpt import web  # noqa: E402  (after the gradio check)
@@ -33,12 +30,7 @@ ARTIFACTS = REPO / ".cache" / "test-artifacts"
 
 @pytest.fixture(scope="module")
 def model(tokenizer):
-    torch.manual_seed(0)
-    m = XrayGPT(ModelConfig(), encoder=build_encoder(EncoderConfig()), llm=make_tiny_llm(len(tokenizer)),
-                tokenizer=tokenizer)
-    torch.manual_seed(1)
-    torch.nn.init.normal_(m.llama_proj.weight, std=0.5)
-    return m
+    return make_tiny_xraygpt(tokenizer)
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ from typing import Protocol
 
 from xraygpt.data.reports import Report, normalize_ws
 from xraygpt.openai_client import ChatClient, ChatEndpointConfig, ChatJob
+from xraygpt.prompt_file import ChatPromptFile
 
 # MIMIC writes ___; IU writes XXXX, sometimes glued to a word ("dual-XXXX", "XXXXthorax"): the whole token goes.
 BLANK = r"(?:_{2,}|[A-Za-z0-9'/-]*X{4,}[A-Za-z0-9'/-]*|\bXX+\b)"
@@ -280,30 +281,17 @@ class PromptTemplate:
 
     @classmethod
     def load(cls, path: str | Path) -> PromptTemplate:
-        p = resolve_prompt_path(path)
-        raw = p.read_text(encoding="utf-8")
-        parts = re.split(r"^###\s*(system|user)\s*$", raw, flags=re.MULTILINE | re.IGNORECASE)
-        sections = {parts[i].lower(): parts[i + 1].strip() for i in range(1, len(parts) - 1, 2)}
-        if "user" not in sections or "{findings}" not in sections["user"] or "{impression}" not in sections["user"]:
-            raise ValueError(f"{p}: a cleaning prompt needs a '### user' part containing {{findings}} and "
+        f = ChatPromptFile.read(path)
+        if "{findings}" not in f.user or "{impression}" not in f.user:
+            raise ValueError(f"{f.path}: a cleaning prompt needs a '### user' part containing {{findings}} and "
                              "{impression} (and optionally a '### system' part before it)")
-        return cls(p, sections.get("system", ""), sections["user"], hashlib.sha256(raw.encode()).hexdigest())
+        return cls(f.path, f.system, f.user, f.sha256)
 
     def messages(self, findings: str, impression: str) -> list[dict[str, str]]:
         # str.replace, not str.format: report text may contain braces
         user = self.user.replace("{findings}", findings).replace("{impression}", impression)
         msgs = [{"role": "system", "content": self.system}] if self.system else []
         return msgs + [{"role": "user", "content": user}]
-
-
-def resolve_prompt_path(path: str | Path) -> Path:
-    p = Path(path)
-    if p.is_file():
-        return p
-    root = Path(__file__).resolve().parent.parent  # repo / site-packages root holding xraygpt/
-    if (root / p).is_file():
-        return root / p
-    raise FileNotFoundError(f"prompt file {path} not found (looked in the working directory and {root})")
 
 
 _PREFIX = re.compile(r"^\s*(?:\*\*)?(?:summary|clean(?:ed)? summary)(?:\*\*)?\s*:\s*", re.IGNORECASE)

@@ -40,6 +40,7 @@ from xraygpt.openai_client import (
     estimate_tokens,
     is_local_endpoint,
 )
+from xraygpt.prompt_file import ChatPromptFile
 
 from . import bootstrap as bs
 from .predictions import Predictions, PredictionsError, read_predictions
@@ -116,22 +117,12 @@ class JudgePrompt:
 
     @classmethod
     def load(cls, path: str | Path) -> JudgePrompt:
-        p = Path(path)
-        if not p.is_file():
-            root = Path(__file__).resolve().parents[2]  # the folder holding xraygpt/ (repo or site-packages)
-            if not (root / p).is_file():
-                raise FileNotFoundError(f"judge prompt file {path} not found (looked in the working directory and "
-                                        f"{root}); set prompt_file=<path>")
-            p = root / p
-        raw = p.read_text(encoding="utf-8")
-        parts = re.split(r"^###\s*(system|user)\s*$", raw, flags=re.MULTILINE | re.IGNORECASE)
-        sections = {parts[i].lower(): parts[i + 1].strip() for i in range(1, len(parts) - 1, 2)}
-        user = sections.get("user", "")
-        missing = [f"{{{k}}}" for k in PLACEHOLDERS if f"{{{k}}}" not in user]
+        f = ChatPromptFile.read(path, "judge prompt file", "; set prompt_file=<path>")
+        missing = [f"{{{k}}}" for k in PLACEHOLDERS if f"{{{k}}}" not in f.user]
         if missing:
-            raise ValueError(f"{p}: the '### user' part must contain {', '.join(missing)} (a judge prompt fills in "
-                             "{reference}, {response_a} and {response_b}; an optional '### system' part goes first)")
-        return cls(p, sections.get("system", ""), user, hashlib.sha256(raw.encode()).hexdigest())
+            raise ValueError(f"{f.path}: the '### user' part must contain {', '.join(missing)} (a judge prompt fills "
+                             "in {reference}, {response_a} and {response_b}; an optional '### system' part goes first)")
+        return cls(f.path, f.system, f.user, f.sha256)
 
     def messages(self, reference: str, response_a: str, response_b: str) -> list[dict[str, str]]:
         values = {"reference": reference, "response_a": response_a, "response_b": response_b}

@@ -64,6 +64,15 @@ def make_tiny_xraygpt(tokenizer):
     return m
 
 
+@pytest.fixture(scope="module")
+def tiny_llm_dir(tmp_path_factory, tokenizer):
+    """The tiny LLaMA saved as an HF folder with the real SmolLM2 tokenizer: what configs point model.llm at."""
+    d = tmp_path_factory.mktemp("tiny_llm")
+    make_tiny_llm(len(tokenizer), seed=0).save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return d
+
+
 @pytest.fixture()
 def tiny_llm(tokenizer):
     return make_tiny_llm(len(tokenizer))

@@ -13,20 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, make_tiny_llm
+from conftest import REPO
 
 from xraygpt.ablation import AblationError, load_ablation_config, plan_ablation, run_ablation
 from xraygpt.config import ConfigError
 
 EMBEDDED_YAML = REPO / "configs" / "ablation" / "embedded.yaml"
-
-
-@pytest.fixture(scope="module")
-def tiny_llm_dir(tmp_path_factory, tokenizer):
-    d = tmp_path_factory.mktemp("tiny_llm")
-    make_tiny_llm(len(tokenizer), seed=0).save_pretrained(d)
-    tokenizer.save_pretrained(d)
-    return d
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,7 @@ import torch
 from conftest import REPO
 from PIL import Image
 from test_eval_generate import model_dir  # noqa: F401  (module-scoped fixtures)
-from test_train_recipe import make_cfg, tiny_llm_dir, toy_data  # noqa: F401
+from test_train_recipe import make_cfg, toy_data  # noqa: F401
 
 from xraygpt.assets import pediatric_cxr_jpegs
 

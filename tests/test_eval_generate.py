@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_train_recipe import tiny_llm_dir, toy_data  # noqa: F401  (module-scoped fixtures)
+from test_train_recipe import toy_data  # noqa: F401  (module-scoped fixture)
 
 from xraygpt.eval.generate import EvalConfig, EvalDataConfig, derangement, generate_predictions
 from xraygpt.eval.run import evaluate

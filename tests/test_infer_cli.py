@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, make_tiny_llm
+from conftest import REPO
 from PIL import Image
 
 from xraygpt.assets import pediatric_cxr_jpegs
@@ -33,14 +33,6 @@ def _load_script():
 
 
 infer = _load_script()
-
-
-@pytest.fixture(scope="module")
-def tiny_llm_dir(tmp_path_factory, tokenizer):
-    d = tmp_path_factory.mktemp("tiny_llm")
-    make_tiny_llm(len(tokenizer), seed=0).save_pretrained(d)
-    tokenizer.save_pretrained(d)
-    return d
 
 
 @pytest.fixture(scope="module")

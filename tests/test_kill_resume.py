@@ -22,7 +22,7 @@ import torch
 from conftest import REPO
 from safetensors.torch import load_file
 from test_eval_generate import model_dir  # noqa: F401  (module-scoped fixtures)
-from test_train_recipe import tiny_llm_dir, toy_data  # noqa: F401
+from test_train_recipe import toy_data  # noqa: F401
 
 from xraygpt.train import checkpoint as ckpt
 

@@ -24,14 +24,6 @@ ADVICE = ["rest and drink fluids", "see a doctor today", "take paracetamol", "ge
 
 
 @pytest.fixture(scope="module")
-def tiny_llm_dir(tmp_path_factory, tokenizer):
-    d = tmp_path_factory.mktemp("tiny_llm")
-    make_tiny_llm(len(tokenizer), seed=0).save_pretrained(d)
-    tokenizer.save_pretrained(d)
-    return d
-
-
-@pytest.fixture(scope="module")
 def chat_file(tmp_path_factory):
     """16 short two-turn medical conversations (ShareGPT)."""
     records = []

@@ -19,7 +19,7 @@ from conftest import REPO
 from openai_server import FakeOpenAIServer
 from test_data_prep_mimic import FIXTURE_STUDIES, write_mimic_tree
 from test_eval_generate import model_dir  # noqa: F401  (module-scoped fixtures)
-from test_train_recipe import make_cfg, tiny_llm_dir, toy_data  # noqa: F401
+from test_train_recipe import make_cfg, toy_data  # noqa: F401
 
 from xraygpt.config import ConfigError, load_config
 from xraygpt.data.dataset import AnnotationError, CaptionDataset

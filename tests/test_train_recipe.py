@@ -23,14 +23,6 @@ CAPTIONS = ["The lungs are clear. No acute disease.", "Small right pleural effus
 
 
 @pytest.fixture(scope="module")
-def tiny_llm_dir(tmp_path_factory, tokenizer):
-    d = tmp_path_factory.mktemp("tiny_llm")
-    make_tiny_llm(len(tokenizer), seed=0).save_pretrained(d)
-    tokenizer.save_pretrained(d)
-    return d
-
-
-@pytest.fixture(scope="module")
 def toy_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("toy")
     (root / "image").mkdir()

@@ -174,7 +174,9 @@ def test_journal_resume_skips_done_jobs(server, tmp_path):
     assert client.stats.journal_hits == 3
     assert [r.source for r in sorted(res.values(), key=lambda r: r.id)] == ["journal"] * 3 + ["api"] * 2
     lines = journal.read_text().splitlines()
-    assert [json.loads(x)["id"] for x in lines] == ["report0", "report1", "report2", "report3", "report4"]
+    ids = [json.loads(x)["id"] for x in lines]  # records land in completion order (concurrent requests)
+    assert sorted(ids[:3]) == ["report0", "report1", "report2"]
+    assert sorted(ids[3:]) == ["report3", "report4"]
 
 
 def test_journal_failed_jobs_kept_unless_retry_failed(server, tmp_path):

@@ -116,14 +116,26 @@ def test_radiology_conversations_use_train_reports_only(embedded80, tmp_path):
     train = _captions(embedded80, "train")
     held_out = {**_captions(embedded80, "val"), **_captions(embedded80, "test")}
     assert stats["reports"] == len(train) and len(convs) == stats["conversations"] > 30
-    assert {c["id"] for c in convs} <= set(train)
+    qa = [c for c in convs if not c["id"].endswith(rc.WRITE_SUFFIX)]
+    write_ups = [c for c in convs if c["id"].endswith(rc.WRITE_SUFFIX)]
+    assert {c["id"] for c in qa} <= set(train) and len(write_ups) == stats["write_ups"] > 30
+    assert {c["id"].removesuffix(rc.WRITE_SUFFIX) for c in write_ups} <= set(train)
     train_sentences = {s for cap in train.values() for s in rc.sentences(cap)}
     held_only = {s for cap in held_out.values() for s in rc.sentences(cap)} - train_sentences
     assert len(held_only) > 50  # the check below has something to catch
     text = out.read_text()
     leaked = [s for s in held_only if len(s) > 25 and json.dumps(s)[1:-1] in text]
     assert leaked == []
-    for conv in convs:
+    labels = json.loads((embedded80.root / "labels.json").read_text())
+    for conv in write_ups:  # the film's labelled findings in, its own report summary out
+        image_id = conv["id"].removesuffix(rc.WRITE_SUFFIX)
+        (ask, answer), meta = conv["conversations"], labels["images"][image_id]
+        assert meta["labelled"] and answer == {"from": "gpt", "value": train[image_id]}
+        named = [c.lower() for c, v in zip(labels["classes"], meta["labels"]) if v and c != "No Finding"]
+        assert ask["from"] == "human" and all(c in ask["value"] for c in named)
+        assert named or "no abnormality" in ask["value"]
+        assert train[image_id] not in ask["value"]
+    for conv in qa:
         caption, turns = train[conv["id"]], conv["conversations"]
         assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2) and 2 <= len(turns) <= 8
         assert re.search(r'"(.*)"', turns[0]["value"]).group(1) == caption  # the patient hands over their report

@@ -6,7 +6,10 @@ split asked for is read, so val/test report text never reaches the training conv
 report's own sections can be matched to the caption, findings and impression are asked about separately.
 
 Each report gives one multi-turn conversation: the patient hands over the report and asks; the doctor answers
-from the report only (its sentences, or its labels for normal vs abnormal), never beyond it. The choice of
+from the report only (its sentences, or its labels for normal vs abnormal), never beyond it. A labelled report
+also gives a one-turn write-up: the patient names the film's findings (from the manual MeSH labels) and the
+doctor writes the report summary. That turn teaches the LLM to write a whole report from what a film shows,
+the same job the vision stages give it with image tokens in place of the named findings. The choice of
 questions is a function of (seed, image id), so a rebuild gives the same file whatever the order or machine.
 
 The IU reports are CC BY-NC-ND: the output goes to a cache or run folder, never into the repository.
@@ -31,7 +34,7 @@ from xraygpt.data.reports import ReportSourceError, normalize_ws, read_reports
 
 log = logging.getLogger(__name__)
 
-CONV_VERSION = 1  # bump on any change to the questions or answers
+CONV_VERSION = 2  # bump on any change to the questions or answers
 EMBEDDED_RADIOLOGY = "embedded:radiology"  # data.train_file; "embedded:radiology:val" for validation
 BUILD_SPLITS = ("train", "val")  # test stays held out for evaluation
 
@@ -52,6 +55,14 @@ QUESTIONS: dict[str, tuple[str, ...]] = {
     "pleura": ("Is there any fluid or air around the lungs?", "What does the report say about the pleura?"),
     "bones": ("What about the bones?", "Does the report mention my ribs or spine?"),
 }
+WRITE_REQUESTS = (
+    "My chest X-ray shows {findings}. Write the findings and impression of the report.",
+    "A chest radiograph with {findings}: please write the radiology report summary.",
+    "Write a chest X-ray report for a film showing {findings}.",
+)
+WRITE_SUFFIX = ":write"  # id of a report's write-up conversation: <image_id>:write
+
+
 # Sentences about a structure: whole words, case-insensitive.
 STRUCTURES: dict[str, re.Pattern[str]] = {
     "heart": re.compile(r"\b(heart|cardi\w*|mediastin\w*|aort\w*|hil(?:ar|um|a))\b", re.I),
@@ -90,8 +101,7 @@ def _normal_answer(rec: ReportRecord) -> str | None:
     devices = " Support devices are present." if "Support Devices" in rec.positives else ""
     pathology = [c.lower() for c in rec.positives if c not in ("No Finding", "Support Devices")]
     if pathology:
-        listed = pathology[0] if len(pathology) == 1 else f"{', '.join(pathology[:-1])} and {pathology[-1]}"
-        return f"No. The report describes {listed}.{devices}"
+        return f"No. The report describes {_listed(pathology)}.{devices}"
     if "No Finding" in rec.positives:
         return f"Yes. The report describes no abnormality.{devices}"
     return None
@@ -111,6 +121,22 @@ def answers_for(rec: ReportRecord) -> dict[str, str]:
         if hits:
             out[name] = " ".join(hits)
     return out
+
+
+def _listed(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
+
+
+def write_up_for(rec: ReportRecord, seed: int) -> dict[str, Any] | None:
+    """The report summary written from the film's labelled findings; None for an unlabelled report."""
+    if not rec.labelled or not rec.positives:
+        return None
+    found = [c.lower() for c in rec.positives if c != "No Finding"]
+    findings = _listed(found) if found else "no abnormality"
+    rng = random.Random(f"radiology-write{CONV_VERSION}:{seed}:{rec.image_id}")
+    request = rng.choice(WRITE_REQUESTS).format(findings=findings)
+    return {"id": rec.image_id + WRITE_SUFFIX,
+            "conversations": [{"from": "human", "value": request}, {"from": "gpt", "value": rec.caption}]}
 
 
 def conversation_for(rec: ReportRecord, seed: int) -> dict[str, Any] | None:
@@ -172,7 +198,8 @@ def load_records(dataset_root: str | Path, split: str) -> list[ReportRecord]:
 
 
 def build_conversations(records: list[ReportRecord], seed: int) -> tuple[list[dict[str, Any]], int]:
-    """ShareGPT conversations in record order, and how many records supported no question."""
+    """ShareGPT conversations in record order (each report's Q&A, then its write-up), and how many records
+    supported no question."""
     out, unused = [], 0
     for rec in records:
         conv = conversation_for(rec, seed)
@@ -180,6 +207,9 @@ def build_conversations(records: list[ReportRecord], seed: int) -> tuple[list[di
             unused += 1
         else:
             out.append(conv)
+        write_up = write_up_for(rec, seed)
+        if write_up is not None:
+            out.append(write_up)
     return out, unused
 
 
@@ -196,7 +226,8 @@ def write_radiology_conversations(dataset_root: str | Path, split: str, out_file
     atomic_write_text(out_file, json.dumps(conversations, ensure_ascii=False, indent=1) + "\n")
     turns = sum(len(c["conversations"]) // 2 for c in conversations)
     stats = {"file": str(out_file), "split": split, "seed": seed, "version": CONV_VERSION, "reports": len(records),
-             "conversations": len(conversations), "doctor_turns": turns, "reports_without_question": unused,
+             "conversations": len(conversations),
+             "write_ups": sum(c["id"].endswith(WRITE_SUFFIX) for c in conversations), "doctor_turns": turns, "reports_without_question": unused,
              "with_sections": sum(r.findings is not None for r in records)}
     log.info("radiology conversations: %s", stats)
     return stats

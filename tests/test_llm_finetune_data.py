@@ -12,6 +12,7 @@ from conftest import REPO
 
 from xraygpt.config import ConfigError, load_config
 from xraygpt.conversation import get_template
+from xraygpt.conversation import default_prompt_file, read_prompt_file
 from xraygpt.llm_finetune import radiology_conversations as rc
 from xraygpt.llm_finetune.config import FinetuneConfig
 from xraygpt.llm_finetune.conversations import Conversation, read_sharegpt
@@ -132,8 +133,10 @@ def test_radiology_conversations_use_train_reports_only(embedded80, tmp_path):
         (ask, answer), meta = conv["conversations"], labels["images"][image_id]
         assert meta["labelled"] and answer == {"from": "gpt", "value": train[image_id]}
         named = [c.lower() for c, v in zip(labels["classes"], meta["labels"]) if v and c != "No Finding"]
-        assert ask["from"] == "human" and all(c in ask["value"] for c in named)
-        assert named or "no abnormality" in ask["value"]
+        slot = re.fullmatch(r"<Img>(.*)</Img> (.*)", ask["value"])  # the vision prompt, findings in the image slot
+        assert ask["from"] == "human" and slot and all(c in slot.group(1) for c in named)
+        assert named or slot.group(1) == "no abnormality"
+        assert f"<Img><ImageHere></Img> {slot.group(2)}" in read_prompt_file(default_prompt_file())
         assert train[image_id] not in ask["value"]
     for conv in qa:
         caption, turns = train[conv["id"]], conv["conversations"]

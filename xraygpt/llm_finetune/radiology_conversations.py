@@ -7,9 +7,11 @@ report's own sections can be matched to the caption, findings and impression are
 
 Each report gives one multi-turn conversation: the patient hands over the report and asks; the doctor answers
 from the report only (its sentences, or its labels for normal vs abnormal), never beyond it. A labelled report
-also gives a one-turn write-up: the patient names the film's findings (from the manual MeSH labels) and the
-doctor writes the report summary. That turn teaches the LLM to write a whole report from what a film shows,
-the same job the vision stages give it with image tokens in place of the named findings. The choice of
+also gives a one-turn write-up in the vision stages' prompt form, `<Img>{findings}</Img> {instruction}`, with the
+film's findings named from its manual MeSH labels where the image tokens will go, and the report summary as the
+answer. It teaches the LLM two things the vision stages need: to write a whole report, and to take its content
+from the <Img> slot. Without it a frozen 135M LLM did not learn to use the image slot in stage 1 even when that
+slot held the true labels (README, "The ablation"). The choice of
 questions is a function of (seed, image id), so a rebuild gives the same file whatever the order or machine.
 
 The IU reports are CC BY-NC-ND: the output goes to a cache or run folder, never into the repository.
@@ -20,6 +22,7 @@ The IU reports are CC BY-NC-ND: the output goes to a cache or run folder, never 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import random
@@ -30,11 +33,12 @@ from pathlib import Path
 from typing import Any
 
 from xraygpt.config import atomic_write_text
+from xraygpt.conversation import IMAGE_PLACEHOLDER, default_prompt_file, read_prompt_file
 from xraygpt.data.reports import ReportSourceError, normalize_ws, read_reports
 
 log = logging.getLogger(__name__)
 
-CONV_VERSION = 2  # bump on any change to the questions or answers
+CONV_VERSION = 3  # bump on any change to the questions or answers
 EMBEDDED_RADIOLOGY = "embedded:radiology"  # data.train_file; "embedded:radiology:val" for validation
 BUILD_SPLITS = ("train", "val")  # test stays held out for evaluation
 
@@ -55,11 +59,8 @@ QUESTIONS: dict[str, tuple[str, ...]] = {
     "pleura": ("Is there any fluid or air around the lungs?", "What does the report say about the pleura?"),
     "bones": ("What about the bones?", "Does the report mention my ribs or spine?"),
 }
-WRITE_REQUESTS = (
-    "My chest X-ray shows {findings}. Write the findings and impression of the report.",
-    "A chest radiograph with {findings}: please write the radiology report summary.",
-    "Write a chest X-ray report for a film showing {findings}.",
-)
+# The write-up asks in the vision stages' own prompt form: the film's labelled findings stand in the image slot of
+# an instruction from the shipped prompt file, so the LLM learns to read what it is told between <Img> and </Img>.
 WRITE_SUFFIX = ":write"  # id of a report's write-up conversation: <image_id>:write
 
 
@@ -123,6 +124,11 @@ def answers_for(rec: ReportRecord) -> dict[str, str]:
     return out
 
 
+@functools.cache
+def _vision_instructions() -> tuple[str, ...]:
+    return tuple(read_prompt_file(default_prompt_file()))
+
+
 def _listed(items: list[str]) -> str:
     return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
 
@@ -134,7 +140,7 @@ def write_up_for(rec: ReportRecord, seed: int) -> dict[str, Any] | None:
     found = [c.lower() for c in rec.positives if c != "No Finding"]
     findings = _listed(found) if found else "no abnormality"
     rng = random.Random(f"radiology-write{CONV_VERSION}:{seed}:{rec.image_id}")
-    request = rng.choice(WRITE_REQUESTS).format(findings=findings)
+    request = rng.choice(_vision_instructions()).replace(IMAGE_PLACEHOLDER, findings)
     return {"id": rec.image_id + WRITE_SUFFIX,
             "conversations": [{"from": "human", "value": request}, {"from": "gpt", "value": rec.caption}]}
 

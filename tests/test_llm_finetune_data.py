@@ -11,8 +11,7 @@ import pytest
 from conftest import REPO
 
 from xraygpt.config import ConfigError, load_config
-from xraygpt.conversation import get_template
-from xraygpt.conversation import default_prompt_file, read_prompt_file
+from xraygpt.conversation import default_prompt_file, get_template, read_prompt_file
 from xraygpt.llm_finetune import radiology_conversations as rc
 from xraygpt.llm_finetune.config import FinetuneConfig
 from xraygpt.llm_finetune.conversations import Conversation, read_sharegpt

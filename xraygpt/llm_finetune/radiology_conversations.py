@@ -233,7 +233,8 @@ def write_radiology_conversations(dataset_root: str | Path, split: str, out_file
     turns = sum(len(c["conversations"]) // 2 for c in conversations)
     stats = {"file": str(out_file), "split": split, "seed": seed, "version": CONV_VERSION, "reports": len(records),
              "conversations": len(conversations),
-             "write_ups": sum(c["id"].endswith(WRITE_SUFFIX) for c in conversations), "doctor_turns": turns, "reports_without_question": unused,
+             "write_ups": sum(c["id"].endswith(WRITE_SUFFIX) for c in conversations), "doctor_turns": turns,
+             "reports_without_question": unused,
              "with_sections": sum(r.findings is not None for r in records)}
     log.info("radiology conversations: %s", stats)
     return stats

@@ -79,6 +79,8 @@ def main() -> None:
         live = build_trainer(args.cfg, args.overrides, n, False, work / "live")
         cached_iter, live_iter = iter(cached._loader(0, n)), iter(live._loader(0, n))
         prepare, bare = bare_step_fn(cached)
+        load_s: list[float] = []  # live batch fetch (PNG decode + transform)
+        encode_s: list[float] = []  # live encoder forward, timed apart after the loop
 
         def run_cached():
             cached.train_step([next(cached_iter)])
@@ -96,8 +98,6 @@ def main() -> None:
 
         variants = {"recipe_cached": run_cached, "recipe_live": run_live, "bare_hf": run_bare}
         times: dict[str, list[float]] = {k: [] for k in variants}
-        load_s: list[float] = []
-        encode_s: list[float] = []
         names = list(variants)
         for step in range(n):
             order = names[step % 3:] + names[:step % 3]  # rotate who goes first
@@ -105,16 +105,16 @@ def main() -> None:
                 t0 = time.perf_counter()
                 variants[name]()
                 times[name].append(time.perf_counter() - t0)
-        encoder = live._unwrapped()
+        live_model = live._unwrapped()
         with torch.no_grad():  # the frozen encoder's share of a live step, timed on the same films afterwards
             for batch in live._loader(0, n):
                 t0 = time.perf_counter()
-                encoder.get_image_features(batch["pixel_values"])
+                live_model.get_image_features(batch["pixel_values"])
                 encode_s.append(time.perf_counter() - t0)
         med = {k: statistics.median(v[warmup:]) for k, v in times.items()}
         cfg = cached.cfg
         results = {
-            "what": "median seconds per optimizer step; each variant's time includes fetching its batch",
+            "what": "median seconds per step; the recipe variants include fetching their batch, bare_hf gets it ready",
             "config": args.cfg, "overrides": args.overrides,
             "encoder": cfg.model.encoder.to_dict(), "llm": cfg.model.llm.name_or_path,
             "llm_dtype": str(cached._unwrapped().llm.dtype), "batch_size": cfg.run.batch_size,

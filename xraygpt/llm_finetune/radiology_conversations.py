@@ -62,8 +62,6 @@ QUESTIONS: dict[str, tuple[str, ...]] = {
 # The write-up asks in the vision stages' own prompt form: the film's labelled findings stand in the image slot of
 # an instruction from the shipped prompt file, so the LLM learns to read what it is told between <Img> and </Img>.
 WRITE_SUFFIX = ":write"  # id of a report's write-up conversation: <image_id>:write
-
-
 # Sentences about a structure: whole words, case-insensitive.
 STRUCTURES: dict[str, re.Pattern[str]] = {
     "heart": re.compile(r"\b(heart|cardi\w*|mediastin\w*|aort\w*|hil(?:ar|um|a))\b", re.I),

@@ -61,7 +61,8 @@ def test_loss_only_counts_answer_tokens(model):
     batch = model.processor(["Q"], ["No acute disease."])
     px = pixels(1)
     out = model(**batch, pixel_values=px)
-    logits = out.logits[0, :-1]
+    assert out.logits is None  # answer-only scoring: the (B, L, V) logits are never built
+    logits = model(batch["input_ids"], batch["attention_mask"], pixel_values=px).logits[0, :-1]
     targets = batch["labels"][0, 1:]
     keep = targets != IGNORE_INDEX
     assert keep.sum() == len(model.tokenizer("No acute disease.###", add_special_tokens=False).input_ids)
@@ -69,11 +70,28 @@ def test_loss_only_counts_answer_tokens(model):
     torch.testing.assert_close(out.loss, expected)
 
 
+def test_answer_only_loss_equals_the_llms_own_loss_and_gradient(model, monkeypatch):
+    """Same loss and projection gradient as HF's full-logits loss, mean and global-token-count forms."""
+    batch = model.processor(["Q", "a longer question"], ["No acute disease.", "Small left effusion."])
+    px = pixels(2)
+    for n_items in (None, torch.tensor(37)):
+        grads = []
+        for lean in (True, False):
+            model.zero_grad()
+            monkeypatch.setattr(model, "_can_score_answers_only", lambda lean=lean: lean)  # the path under test
+            loss = model(**batch, pixel_values=px, num_items_in_batch=n_items).loss
+            loss.backward()
+            grads.append((loss.detach(), model.llama_proj.weight.grad.clone()))
+        torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-5, atol=1e-7)
+
+
 def test_right_padding_does_not_change_per_sample_logits(model):
     px = pixels(2)
     batch = model.processor(["Q", "a much longer question about the heart"], ["A.", "Longer answer text."])
-    batched = model(**batch, pixel_values=px).logits
-    single = model(**model.processor(["Q"], ["A."]), pixel_values=px[:1]).logits
+    batched = model(batch["input_ids"], batch["attention_mask"], pixel_values=px).logits
+    single_batch = model.processor(["Q"], ["A."])
+    single = model(single_batch["input_ids"], single_batch["attention_mask"], pixel_values=px[:1]).logits
     n = single.shape[1]
     torch.testing.assert_close(batched[0, :n], single[0], atol=1e-5, rtol=1e-4)
 

@@ -1,6 +1,7 @@
 """Exact token layouts: image slots, label masks, padding sides (real SmolLM2 tokenizer)."""
 
 import pytest
+import torch
 
 from xraygpt.conversation import get_template
 from xraygpt.processing import IGNORE_INDEX, IMAGE_TOKEN_ID, PromptProcessor
@@ -68,3 +69,15 @@ def test_empty_caption_rejected(proc):
 def test_count_mismatch_between_answers_and_prompts(proc):
     with pytest.raises(ValueError, match="2 instructions but 1 answers"):
         proc(["a", "b"], ["x"])
+
+
+def test_pad_to_multiple_rounds_the_length_up_and_changes_nothing_else(proc):
+    q, a = ["Q", "A much longer question about the lungs"], ["Short.", "Longer answer here."]
+    plain = proc(q, a)
+    padded = proc(q, a, pad_to_multiple_of=16)
+    n = plain["input_ids"].shape[1]
+    length = padded["input_ids"].shape[1]
+    assert length % 16 == 0 and n <= length < n + 16
+    for key, value in plain.items():
+        assert torch.equal(padded[key][:, :n], value)
+    assert (padded["attention_mask"][:, n:] == 0).all() and (padded["labels"][:, n:] == IGNORE_INDEX).all()

@@ -24,12 +24,13 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from xraygpt.config import atomic_write_text, from_dict
 from xraygpt.conversation import DEFAULT_INSTRUCTION, get_template
 from xraygpt.encoders import EncoderConfig, ImageEncoder, build_encoder
 from xraygpt.llm import LLMConfig, load_llm
-from xraygpt.processing import IMAGE_TOKEN_ID, PromptProcessor
+from xraygpt.processing import IGNORE_INDEX, IMAGE_TOKEN_ID, PromptProcessor
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +174,8 @@ class XrayGPT(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None, image_features: torch.Tensor | None = None,
                 num_items_in_batch: torch.Tensor | int | None = None, **_: Any):
-        """Returns the LLM's output; `.loss` is the mean next-token loss over answer tokens.
+        """With `labels`: `.loss` is the mean next-token loss over answer tokens and `.logits` is None.
+        Without: the LLM's full output (`.logits` (B, L, V)).
 
         With `num_items_in_batch` the loss is the token-loss *sum* divided by that count instead, so gradient
         accumulation and several processes can normalise by the answer tokens of the whole global batch.
@@ -181,9 +183,41 @@ class XrayGPT(nn.Module):
         image_embeds = self.encode_images(pixel_values, image_features)
         inputs_embeds = self.merge_image_features(input_ids, image_embeds)
         device = inputs_embeds.device
-        extra = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
-        return self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask.to(device),
-                        labels=None if labels is None else labels.to(device), use_cache=False, **extra)
+        attention_mask = attention_mask.to(device)
+        if labels is None or not self._can_score_answers_only():
+            extra = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
+            return self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                            labels=None if labels is None else labels.to(device), use_cache=False, **extra)
+        hidden = self.llm.get_decoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                        use_cache=False).last_hidden_state          # (B, L, H)
+        return CausalLMOutputWithPast(loss=self.answer_loss(hidden, labels.to(device), num_items_in_batch))
+
+    def answer_loss(self, hidden: torch.Tensor, labels: torch.Tensor,
+                    num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
+        """Next-token cross-entropy from the last hidden states, with the LM head run on answer positions only.
+
+        The same number as the LLM's own loss (float32 logits, ignore_index -100), but the (B, L, V) logits
+        of a 49k vocabulary never exist: on the embedded default that is ~1 GB of a stage-1 step's peak.
+        """
+        targets = labels[:, 1:].reshape(-1)                                         # (B*(L-1),)
+        hidden = hidden[:, :-1].reshape(targets.numel(), -1)                        # (B*(L-1), H)
+        # Answer positions, plus a few ignored ones so the count is a multiple of 64: the head's matmul then
+        # sees few distinct shapes and CPU kernel caches do not grow step after step.
+        order = torch.argsort((targets == IGNORE_INDEX).to(torch.int8), stable=True)
+        n = int((targets != IGNORE_INDEX).sum())
+        rows = order[:min(targets.numel(), -(-n // 64) * 64)]                        # (N,)
+        logits = self.llm.get_output_embeddings()(hidden[rows]).float()             # (N, V)
+        reduction = "mean" if num_items_in_batch is None else "sum"
+        loss = nn.functional.cross_entropy(logits, targets[rows], ignore_index=IGNORE_INDEX, reduction=reduction)
+        if num_items_in_batch is not None:
+            loss = loss / torch.as_tensor(num_items_in_batch, device=loss.device)
+        return loss
+
+    def _can_score_answers_only(self) -> bool:
+        """Answer-only scoring needs a plain decoder + linear head (no logit soft-capping or scaling)."""
+        cfg = self.llm.config
+        plain = getattr(cfg, "final_logit_softcapping", None) is None and getattr(cfg, "logit_scale", None) is None
+        return plain and hasattr(self.llm, "get_decoder") and self.llm.get_output_embeddings() is not None
 
     # -------------------------------------------------------------------------------------- generation
     @torch.no_grad()

@@ -66,11 +66,15 @@ class PromptProcessor:
         target = self.encode_answer(answer)
         return EncodedSample(prompt + target, [IGNORE_INDEX] * len(prompt) + target)
 
-    def pad(self, samples: Sequence[EncodedSample], padding_side: str) -> dict[str, torch.Tensor]:
-        """Pad to the longest sample. Pad positions: pad id, attention 0, label -100."""
+    def pad(self, samples: Sequence[EncodedSample], padding_side: str,
+            pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
+        """Pad to the longest sample (rounded up to `pad_to_multiple_of`). Pad positions: pad id, attention 0,
+        label -100."""
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         length = max(len(s.input_ids) for s in samples)
+        if pad_to_multiple_of:
+            length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
         pad_id = self.tokenizer.pad_token_id
         ids = torch.full((len(samples), length), pad_id, dtype=torch.long)  # (B, L)
         labels = torch.full((len(samples), length), IGNORE_INDEX, dtype=torch.long)  # (B, L)
@@ -84,10 +88,10 @@ class PromptProcessor:
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
     def __call__(self, instructions: Sequence[str], answers: Sequence[str] | None = None,
-                 padding_side: str | None = None) -> dict[str, torch.Tensor]:
+                 padding_side: str | None = None, pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
         """Batch of prompts (+ answers for training). Default padding: right with answers, left without."""
         if answers is not None and len(answers) != len(instructions):
             raise ValueError(f"{len(instructions)} instructions but {len(answers)} answers")
         samples = [self.encode(q, None if answers is None else answers[i]) for i, q in enumerate(instructions)]
         side = padding_side or ("right" if answers is not None else "left")
-        return self.pad(samples, side)
+        return self.pad(samples, side, pad_to_multiple_of)

@@ -76,6 +76,7 @@ class FinetuneDataConfig:
     limit: int | None = None  # use only the first N usable training conversations
     val_limit: int | None = None
     on_bad: str = "skip"  # a malformed conversation: "skip" (counted, named in a warning) | "error"
+    pad_to_multiple_of: int | None = 16  # as the vision recipe's data.pad_to_multiple_of (few shapes, flat RSS)
     radiology: RadiologySource = field(default_factory=RadiologySource)
 
     def validate(self) -> None:
@@ -85,7 +86,7 @@ class FinetuneDataConfig:
             raise ValueError(f"data.on_bad must be one of {list(ON_BAD)}, got '{self.on_bad}'")
         if self.max_len < 8:
             raise ValueError(f"data.max_len must be >= 8 tokens, got {self.max_len}")
-        for key in ("limit", "val_limit"):
+        for key in ("limit", "val_limit", "pad_to_multiple_of"):
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise ValueError(f"data.{key} must be >= 1 or null, got {value}")

@@ -23,13 +23,14 @@ from xraygpt.processing import IGNORE_INDEX, EncodedSample, PromptProcessor
 
 
 class ConversationEncoder:
-    def __init__(self, tokenizer, template: ConversationTemplate, max_len: int):
+    def __init__(self, tokenizer, template: ConversationTemplate, max_len: int, pad_to_multiple_of: int | None = None):
         # The vision stages' processor gives us the same bos rule and its padding (pad id, attention 0, label
         # -100); text-only samples never hold image slots, so its image-token count is irrelevant here.
         self.processor = PromptProcessor(tokenizer, template, num_image_tokens=1)
         self.tokenizer = tokenizer
         self.template = template
         self.max_len = max_len
+        self.pad_to_multiple_of = pad_to_multiple_of
 
     def _tok(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False).input_ids
@@ -47,7 +48,7 @@ class ConversationEncoder:
 
     def collate(self, samples: Sequence[EncodedSample]) -> dict[str, torch.Tensor]:
         """Right-padded batch: input_ids, attention_mask, labels, each (B, L)."""
-        return self.processor.pad(samples, "right")
+        return self.processor.pad(samples, "right", self.pad_to_multiple_of)
 
 
 def encode_file(path: str | Path, encoder: ConversationEncoder, limit: int | None = None,

@@ -92,7 +92,8 @@ class FinetuneTrainer:
             log.info("%s fine-tuning: trainable %s, frozen %s", cfg.model.method,
                      f"{self.param_counts['trainable']:,}", f"{self.param_counts['frozen']:,}")
 
-        self.encoder = ConversationEncoder(self.tokenizer, get_template(cfg.data.template), cfg.data.max_len)
+        self.encoder = ConversationEncoder(self.tokenizer, get_template(cfg.data.template), cfg.data.max_len,
+                                           cfg.data.pad_to_multiple_of)
         train, train_report = encode_file(train_file, self.encoder, cfg.data.limit, cfg.data.on_bad)
         self.train_set = EncodedConversations(train)
         self.val_set, val_report = None, None

@@ -42,12 +42,13 @@ class InstructionDataset(Dataset):
 
 
 class TrainCollator:
-    def __init__(self, processor: PromptProcessor):
+    def __init__(self, processor: PromptProcessor, pad_to_multiple_of: int | None = None):
         self.processor = processor
+        self.pad_to_multiple_of = pad_to_multiple_of
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         batch: dict[str, Any] = self.processor([s["instruction"] for s in samples], [s["caption"] for s in samples],
-                                               padding_side="right")
+                                               padding_side="right", pad_to_multiple_of=self.pad_to_multiple_of)
         if "image_features" in samples[0]:
             batch["image_features"] = torch.stack([s["image_features"] for s in samples])  # (B, T, D_img)
         else:

@@ -140,7 +140,7 @@ class Trainer:
                               cfg.run.seed)
         _ = self.plan.steps_per_epoch  # fail early if the dataset is smaller than one global batch
         self.train_set = InstructionDataset(self.data.train, self.prompts, cfg.run.seed, self.data.train_features)
-        self.collate = TrainCollator(self.model.processor)
+        self.collate = TrainCollator(self.model.processor, cfg.data.pad_to_multiple_of)
 
         self.optimizer = build_optimizer(self.model, cfg.optim)
         o = cfg.optim

@@ -13,7 +13,7 @@ from conftest import REPO
 from xraygpt.config import ConfigError, load_config
 from xraygpt.conversation import default_prompt_file, get_template, read_prompt_file
 from xraygpt.llm_finetune import radiology_conversations as rc
-from xraygpt.llm_finetune.config import FinetuneConfig
+from xraygpt.llm_finetune.config import FinetuneConfig, RadiologySource
 from xraygpt.llm_finetune.conversations import Conversation, read_sharegpt
 from xraygpt.llm_finetune.encode import ConversationEncoder, encode_file
 from xraygpt.processing import IGNORE_INDEX
@@ -159,6 +159,20 @@ def test_radiology_conversations_are_deterministic_and_refuse_test(embedded80, t
         rc.write_radiology_conversations(embedded80.root, "test", tmp_path / "t.json")
     with pytest.raises(SystemExit):
         rc.main(["--embedded-dir", str(embedded80.root), "--out", str(a), "--split", "test"])
+
+
+def test_radiology_conversation_kinds_select_what_is_built(embedded80, tmp_path):
+    stats = {k: rc.write_radiology_conversations(embedded80.root, "train", tmp_path / f"{k}.json", kinds=kinds)
+             for k, kinds in {"both": rc.KINDS, "write": ["write_up"], "qa": ["qa"]}.items()}
+    ids = {k: [c["id"] for c in json.loads((tmp_path / f"{k}.json").read_text())] for k in stats}
+    assert all(i.endswith(rc.WRITE_SUFFIX) for i in ids["write"]) and ids["write"]
+    assert not any(i.endswith(rc.WRITE_SUFFIX) for i in ids["qa"]) and ids["qa"]
+    assert sorted(ids["both"]) == sorted(ids["write"] + ids["qa"])
+    assert stats["write"]["kinds"] == ["write_up"] and stats["write"]["write_ups"] == len(ids["write"])
+    with pytest.raises(ValueError, match=r"kinds \['chat'\]: choose one or more of \['qa', 'write_up'\]"):
+        rc.write_radiology_conversations(embedded80.root, "train", tmp_path / "x.json", kinds=["chat"])
+    with pytest.raises(ValueError, match="choose one or more"):
+        RadiologySource(kinds=[]).validate()
 
 
 # --------------------------------------------------------------------------------------- configs

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from xraygpt.conversation import TEMPLATES
 from xraygpt.llm import LLMConfig
+from xraygpt.llm_finetune.radiology_conversations import check_kinds
 from xraygpt.train.config import OptimConfig, RunConfig, WandbConfig
 
 METHODS = ("lora", "full")
@@ -59,8 +60,12 @@ class RadiologySource:
     embedded_dir: str | None = None  # a built embedded dataset; None = the default cache build (built if missing)
     limit: int | None = None  # build the embedded dataset from the first N reports only (smoke runs)
     seed: int = 0  # question choice per report
+    # "qa" (questions about the report) and/or "write_up" (findings in the image slot -> the whole report). Write-ups
+    # alone teach a small LLM to condition its report on what the slot says in far fewer steps (README, ablation).
+    kinds: list[str] = field(default_factory=lambda: ["qa", "write_up"])
 
     def validate(self) -> None:
+        check_kinds(self.kinds)
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"data.radiology.limit must be >= 1 or null, got {self.limit}")
 

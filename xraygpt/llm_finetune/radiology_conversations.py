@@ -28,6 +28,7 @@ import logging
 import random
 import re
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,8 @@ QUESTIONS: dict[str, tuple[str, ...]] = {
 # The write-up asks in the vision stages' own prompt form: the film's labelled findings stand in the image slot of
 # an instruction from the shipped prompt file, so the LLM learns to read what it is told between <Img> and </Img>.
 WRITE_SUFFIX = ":write"  # id of a report's write-up conversation: <image_id>:write
+# "qa": questions about findings, impression, structures, normal/abnormal; "write_up": the findings-to-report turn.
+KINDS = ("qa", "write_up")
 # Sentences about a structure: whole words, case-insensitive.
 STRUCTURES: dict[str, re.Pattern[str]] = {
     "heart": re.compile(r"\b(heart|cardi\w*|mediastin\w*|aort\w*|hil(?:ar|um|a))\b", re.I),
@@ -201,35 +204,47 @@ def load_records(dataset_root: str | Path, split: str) -> list[ReportRecord]:
     return records
 
 
-def build_conversations(records: list[ReportRecord], seed: int) -> tuple[list[dict[str, Any]], int]:
-    """ShareGPT conversations in record order (each report's Q&A, then its write-up), and how many records
-    supported no question."""
+def check_kinds(kinds: Sequence[str]) -> tuple[str, ...]:
+    """The conversation kinds asked for, checked: a non-empty subset of KINDS."""
+    bad = [k for k in kinds if k not in KINDS]
+    if bad or not kinds:
+        raise ValueError(f"radiology conversation kinds {list(kinds)}: choose one or more of {list(KINDS)}")
+    return tuple(kinds)
+
+
+def build_conversations(records: list[ReportRecord], seed: int,
+                        kinds: Sequence[str] = KINDS) -> tuple[list[dict[str, Any]], int]:
+    """ShareGPT conversations in record order (each report's Q&A, then its write-up; only the `kinds` asked
+    for), and how many records supported no question."""
+    kinds = check_kinds(kinds)
     out, unused = [], 0
     for rec in records:
-        conv = conversation_for(rec, seed)
-        if conv is None:
-            unused += 1
-        else:
-            out.append(conv)
-        write_up = write_up_for(rec, seed)
+        if "qa" in kinds:
+            conv = conversation_for(rec, seed)
+            if conv is None:
+                unused += 1
+            else:
+                out.append(conv)
+        write_up = write_up_for(rec, seed) if "write_up" in kinds else None
         if write_up is not None:
             out.append(write_up)
     return out, unused
 
 
 def write_radiology_conversations(dataset_root: str | Path, split: str, out_file: str | Path,
-                                  seed: int = 0) -> dict[str, Any]:
+                                  seed: int = 0, kinds: Sequence[str] = KINDS) -> dict[str, Any]:
     """Build one split's conversations into `out_file` (atomically); return counts."""
     if split not in BUILD_SPLITS:
         raise ValueError(f"split '{split}': conversations are built from {list(BUILD_SPLITS)} only; the test split "
                          f"stays held out for evaluation")
     records = load_records(dataset_root, split)
-    conversations, unused = build_conversations(records, seed)
+    conversations, unused = build_conversations(records, seed, kinds)
     if not conversations:
         raise RadiologyDataError(f"{dataset_root} split '{split}' gave no conversation ({len(records)} reports)")
     atomic_write_text(out_file, json.dumps(conversations, ensure_ascii=False, indent=1) + "\n")
     turns = sum(len(c["conversations"]) // 2 for c in conversations)
-    stats = {"file": str(out_file), "split": split, "seed": seed, "version": CONV_VERSION, "reports": len(records),
+    stats = {"file": str(out_file), "split": split, "seed": seed, "kinds": list(kinds), "version": CONV_VERSION,
+             "reports": len(records),
              "conversations": len(conversations),
              "write_ups": sum(c["id"].endswith(WRITE_SUFFIX) for c in conversations), "doctor_turns": turns,
              "reports_without_question": unused,
@@ -274,11 +289,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--embedded-dir", default=None, help="a built embedded dataset (default: the cache build)")
     parser.add_argument("--limit", type=int, default=None, help="default cache build from the first N reports")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS, help="conversation kinds to build")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         root = embedded_root(args.embedded_dir, args.limit)
-        stats = write_radiology_conversations(root, args.split, args.out, args.seed)
+        stats = write_radiology_conversations(root, args.split, args.out, args.seed, args.kinds)
     except (RadiologyDataError, ValueError, OSError) as e:
         if argv is not None:
             raise

@@ -135,7 +135,8 @@ class FinetuneTrainer:
         path = self.output_dir / "data" / f"radiology_{split}.json"
         if self.is_main:
             src = self.cfg.data.radiology
-            write_radiology_conversations(embedded_root(src.embedded_dir, src.limit), split, path, src.seed)
+            write_radiology_conversations(embedded_root(src.embedded_dir, src.limit), split, path, src.seed,
+                                          src.kinds)
         self.accelerator.wait_for_everyone()
         return path
 

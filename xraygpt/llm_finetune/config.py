@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from xraygpt.conversation import TEMPLATES
 from xraygpt.llm import LLMConfig
-from xraygpt.llm_finetune.radiology_conversations import check_kinds
+from xraygpt.llm_finetune.radiology_conversations import KINDS, check_kinds
 from xraygpt.train.config import OptimConfig, RunConfig, WandbConfig
 
 METHODS = ("lora", "full")
@@ -62,7 +62,7 @@ class RadiologySource:
     seed: int = 0  # question choice per report
     # "qa" (questions about the report) and/or "write_up" (findings in the image slot -> the whole report). Write-ups
     # alone teach a small LLM to condition its report on what the slot says in far fewer steps (README, ablation).
-    kinds: list[str] = field(default_factory=lambda: ["qa", "write_up"])
+    kinds: list[str] = field(default_factory=lambda: list(KINDS))
 
     def validate(self) -> None:
         check_kinds(self.kinds)

@@ -216,12 +216,21 @@ def test_embedded_ablation_plan():
     base1 = next(s for s in plan.steps if s.key == "rows/baseline/stage1").resolved
     rad2 = next(s for s in plan.steps if s.key == "rows/radllm/stage2").resolved
     stage0 = plan.steps[0].resolved
-    assert base1.model.encoder.checkpoint is None and base1.run.init_from is None
+    # feature=labels needs a head: Baseline reads stage 0's seeded, untrained twin (and so waits for stage 0)
+    assert base1.model.encoder.feature == "labels" and base1.run.init_from is None
+    assert base1.model.encoder.checkpoint.endswith("stage0/encoder_init.safetensors")
+    base_step = next(s for s in plan.steps if s.key == "rows/baseline/stage1")
+    assert [d.key for d in base_step.deps] == ["stage0"]
     assert base1.model.encoder.name == rad2.model.encoder.name == stage0.model.name  # same architecture
     assert rad2.model.encoder.checkpoint.endswith("stage0/encoder.safetensors")
     assert rad2.model.llm.name_or_path.endswith("llm/radiology/final") and rad2.run.init_from.endswith("radllm/stage1")
     ev = next(s for s in plan.steps if s.key == "rows/radllm/eval").resolved
     assert ev.control and ev.ckpt.endswith("rows/radllm/stage2") and ev.name == "+RadLLM"
+
+    patch = plan_ablation(load_ablation_config(EMBEDDED_YAML, ["train.stage1.overrides=[model.encoder.feature=patch]",
+                                                               "train.stage2.overrides=[model.encoder.feature=patch]"]))
+    patch_base = next(s for s in patch.steps if s.key == "rows/baseline/stage1")
+    assert patch_base.resolved.model.encoder.checkpoint is None and patch_base.deps == []  # plain seeded init
 
     with_medical = plan_ablation(load_ablation_config(EMBEDDED_YAML, ["medical_data=/data/medical.json"]))
     assert not any(r.skipped for r in with_medical.rows)

@@ -1,7 +1,7 @@
 """Stage 0 (MedCLIP-style encoder pretraining): the loss on hand-made values, and a short real run.
 
 The short run builds the embedded dataset for the first 80 IU reports (real reports, rendered films) in a
-temp folder, trains xray-cnn-tiny for a few steps, and checks the loss falls, the checkpoint loads through
+temp folder, trains xray-vgg-tiny for a few steps, and checks the loss falls, the checkpoint loads through
 the encoder registry with identical features, and a rerun reuses it.
 """
 
@@ -13,11 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from xraygpt.config import ConfigError, load_config
 from xraygpt.encoders import EncoderConfig, build_encoder
+from xraygpt.encoders.open_clip_encoder import build_open_clip_model
 from xraygpt.encoders.pretrain import (
     CHECKPOINT_NAME,
+    INIT_NAME,
     META_NAME,
     EncoderPretrainConfig,
     auroc,
@@ -98,7 +101,7 @@ def test_batch_order_full_disjoint_seeded():
 # ---------------------------------------------------------------------------------------------- config
 def test_demo_config_loads_and_points_where_later_stages_read():
     cfg = load_config(EncoderPretrainConfig, STAGE0_YAML)
-    assert cfg.model.name == "xray-cnn-tiny" and cfg.data.embedded and cfg.loss.semantic
+    assert cfg.model.name == "xray-vgg-tiny" and cfg.data.embedded and cfg.loss.semantic and cfg.loss.label_weight > 0
     assert Path(cfg.run.output_dir) / CHECKPOINT_NAME == Path("outputs/demo/stage0/encoder.safetensors")
     assert STAGE0_YAML.read_text().startswith("#") and "scripts/train_encoder.py --cfg" in STAGE0_YAML.read_text()
     with pytest.raises(ConfigError, match="run.epoch'.*Did you mean 'epochs'"):
@@ -135,29 +138,52 @@ def test_short_run_loss_falls_and_saves(short_run):
     meta = json.loads((out / META_NAME).read_text())
     assert meta["data"]["n_train"] == ds.manifest["splits"]["train"]
     assert meta["data"]["manifest_version"] == ds.manifest["version"]
-    assert meta["config"]["run"]["batch_size"] == 16 and meta["model_name"] == "xray-cnn-tiny"
+    assert meta["config"]["run"]["batch_size"] == 16 and meta["model_name"] == "xray-vgg-tiny"
     assert result.checkpoint == out / CHECKPOINT_NAME and not result.reused
 
 
 def test_checkpoint_loads_through_registry_with_identical_features(short_run):
     _, _, result, _ = short_run
-    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
-    pooled = build_encoder(EncoderConfig(type="open_clip", name="xray-cnn-tiny", checkpoint=str(result.checkpoint),
+    x = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    pooled = build_encoder(EncoderConfig(type="open_clip", name="xray-vgg-tiny", checkpoint=str(result.checkpoint),
                                          feature="pooled"))  # fmt: skip
     with torch.no_grad():
         torch.testing.assert_close(pooled(x)[:, 0], result.model.encode_image(x), rtol=0, atol=0)
-    patch = build_encoder(EncoderConfig(type="open_clip", name="xray-cnn-tiny", checkpoint=str(result.checkpoint)))
-    random = build_encoder(EncoderConfig(type="open_clip", name="xray-cnn-tiny"))
+    patch = build_encoder(EncoderConfig(type="open_clip", name="xray-vgg-tiny", checkpoint=str(result.checkpoint)))
+    random = build_encoder(EncoderConfig(type="open_clip", name="xray-vgg-tiny"))
     with torch.no_grad():
-        assert patch(x).shape == (2, 49, 368)  # RegNetX-200MF: 7x7 grid of 368 channels
+        assert patch(x).shape == (2, 64, 128)  # cxr_vgg_tiny: 8x8 grid of 128 channels
         assert not torch.allclose(patch(x), random(x))
+
+
+def test_label_head_is_saved_and_the_untrained_twin_beside_it(short_run):
+    cfg, _, result, ds = short_run
+    classes = json.loads(ds.labels_file.read_text())["classes"]
+    labels = build_encoder(EncoderConfig(type="open_clip", name="xray-vgg-tiny", checkpoint=str(result.checkpoint),
+                                         feature="labels"))  # fmt: skip
+    assert labels.label_classes == classes and result.meta["label_classes"] == classes
+    init_file = result.checkpoint.parent / INIT_NAME
+    untrained = build_encoder(EncoderConfig(type="open_clip", name="xray-vgg-tiny", checkpoint=str(init_file),
+                                            feature="labels"))  # fmt: skip
+    x = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        trained_f, untrained_f = labels(x), untrained(x)
+    assert trained_f.shape == untrained_f.shape == (2, 64, 2 * len(classes))
+    assert not torch.allclose(trained_f, untrained_f)
+    # the untrained twin is the seeded init (run.seed) that evaluate_encoder also calls "random"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.run.seed)
+        reference = build_open_clip_model("xray-vgg-tiny")
+    saved = build_open_clip_model("xray-vgg-tiny", init_file)
+    for (name, a), b in zip(reference.state_dict().items(), saved.state_dict().values()):
+        assert torch.equal(a, b), name
 
 
 def test_trimmed_text_encoding_equals_full_context(short_run):
     _, _, result, _ = short_run
     from xraygpt.encoders import get_open_clip_tokenizer
 
-    tokens = get_open_clip_tokenizer("xray-cnn-tiny")(["heart size normal. lungs clear.", "small left effusion"])
+    tokens = get_open_clip_tokenizer("xray-vgg-tiny")(["heart size normal. lungs clear.", "small left effusion"])
     with torch.no_grad():
         full = result.model.encode_text(tokens, normalize=True)
         torch.testing.assert_close(encode_text(result.model, tokens), full, rtol=0, atol=1e-6)
@@ -169,6 +195,12 @@ def test_rerun_reuses_and_other_config_refuses(short_run):
     again = pretrain_encoder(load_config(EncoderPretrainConfig, STAGE0_YAML, overrides + ["run.progress=true"]))
     assert again.reused and again.model is None and result.checkpoint.stat().st_mtime_ns == mtime
     assert again.meta == json.loads(json.dumps(result.meta))  # the saved record (tuples read back as lists)
+    init_file = result.checkpoint.parent / INIT_NAME
+    before = load_file(init_file)
+    init_file.unlink()  # a run saved before the untrained twin existed gets it on reuse, identical
+    pretrain_encoder(load_config(EncoderPretrainConfig, STAGE0_YAML, overrides))
+    after = load_file(init_file)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     with pytest.raises(FileExistsError, match="run.seed"):
         pretrain_encoder(load_config(EncoderPretrainConfig, STAGE0_YAML, overrides + ["run.seed=1"]))
 
@@ -181,3 +213,6 @@ def test_evaluate_encoder_reports_both_encoders(short_run):
         r = ev["retrieval"][name]
         assert 0 <= r["R@1"] <= r["R@5"] <= r["R@10"] <= 1
         assert set(ev["probe_auroc"][name]) == set(json.loads(ds.labels_file.read_text())["classes"])
+    head = ev["label_head_auroc"]["trained"]
+    assert set(head) == set(json.loads(ds.labels_file.read_text())["classes"])
+    assert all(v is None or 0 <= v <= 1 for v in head.values())

@@ -332,3 +332,69 @@ def test_identity_follows_the_checkpoint_content(tmp_path):
     assert first["checkpoint"]["path"] == second["checkpoint"]["path"]
     assert first["checkpoint"]["files"][0]["sha256"] != second["checkpoint"]["files"][0]["sha256"]
     assert {k: v for k, v in first.items() if k != "checkpoint"} == {k: v for k, v in second.items() if k != "checkpoint"}
+
+
+def test_cxr_vgg_trunk_is_a_timm_model_with_the_documented_grid():
+    import timm
+
+    from xraygpt.encoders.cxr_cnn import CxrCNN
+
+    trunk = timm.create_model("cxr_vgg_tiny")  # registered when xraygpt.encoders.cxr_cnn is imported
+    assert isinstance(trunk, CxrCNN) and trunk.num_features == 128
+    x = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    trunk.eval()
+    fmap = trunk.forward_features(x)
+    assert fmap.shape == (2, 128, 8, 8)  # four 2x2 max-pools: 128 px -> 8x8
+    torch.testing.assert_close(trunk(x), 0.5 * (fmap.mean((2, 3)) + fmap.amax((2, 3))))  # avgmax pool
+    trunk.reset_classifier(5, "max")
+    assert trunk(x).shape == (2, 5)
+    with pytest.raises(ValueError, match="catavgmax"):
+        trunk.reset_classifier(0, "catavgmax")  # would double the width open_clip's projection expects
+    with pytest.raises(ValueError, match="no pretrained weights"):
+        timm.create_model("cxr_vgg_tiny", pretrained=True)
+    encoder = build_encoder(EncoderConfig("open_clip", "xray-vgg-tiny"))
+    assert (encoder.num_tokens, encoder.hidden_size) == (64, 128) and encoder.processing.image_size == 128
+
+
+@pytest.mark.parametrize("name", ["xray-vgg-tiny", "xray-vit-tiny"])
+def test_label_feature_is_image_and_patch_logits_of_the_saved_head(tmp_path, name):
+    """feature=labels: every token = [the head on the pooled embedding | the head on that patch], exact."""
+    torch.manual_seed(0)
+    model = build_open_clip_model(name).eval()
+    head = nn.Linear(256, 3)
+    path = save_open_clip_checkpoint(model, tmp_path / "clip.safetensors", label_head=head,
+                                     label_classes=["No Finding", "Cardiomegaly", "Edema"])  # fmt: skip
+    assert build_open_clip_model(name, path) is not None  # the head does not break the full-model load
+    enc = build_encoder(EncoderConfig("open_clip", name, checkpoint=str(path), feature="labels"))
+    assert enc.label_classes == ["No Finding", "Cardiomegaly", "Edema"] and enc.hidden_size == 6
+    x = pixels(enc)
+    feats = enc(x)  # (2, N, 6)
+    assert feats.shape == (2, enc.num_tokens, 6)
+    v = model.visual
+    with torch.no_grad():
+        if name == "xray-vgg-tiny":
+            pooled = v(x)  # (2, 256): what stage 0 embeds (patch_mean of a timm tower = its pooled output)
+            patches = v.head(v.trunk.forward_features(x).flatten(2).transpose(1, 2))  # (2, 64, 256)
+        else:
+            v.output_tokens = True
+            patches = v(x)[1] @ v.proj  # (2, 49, 256)
+            pooled = patches.mean(1)
+        scale = 16.0 / pooled.norm(dim=-1, keepdim=True)  # sqrt(256) / |pooled|: the unit embedding x sqrt(E)
+        image, local = head(pooled * scale), head(patches * scale[:, None])
+    torch.testing.assert_close(feats[:, :, :3], image[:, None].expand(-1, enc.num_tokens, -1))
+    torch.testing.assert_close(feats[:, :, 3:], local)
+    if name == "xray-vit-tiny":  # linear all the way: the patches' own logits average to the image's
+        torch.testing.assert_close(local.mean(1), image, rtol=1e-5, atol=1e-5)
+
+
+def test_label_feature_errors_name_the_fix(tmp_path):
+    plain = save_open_clip_checkpoint(build_open_clip_model("xray-vgg-tiny"), tmp_path / "plain.safetensors")
+    with pytest.raises(ValueError, match="label head.*loss.label_weight > 0"):
+        build_encoder(EncoderConfig("open_clip", "xray-vgg-tiny", checkpoint=str(plain), feature="labels"))
+    with pytest.raises(ValueError, match="label head.*random init"):
+        build_encoder(EncoderConfig("open_clip", "xray-vgg-tiny", feature="labels"))
+    with pytest.raises(ValueError, match="only open_clip"):
+        build_encoder(EncoderConfig("medclip", "resnet", feature="labels"))
+    with pytest.raises(ValueError, match="name the 2 outputs"):
+        save_open_clip_checkpoint(build_open_clip_model("xray-vgg-tiny"), tmp_path / "bad.safetensors",
+                                  label_head=nn.Linear(256, 2), label_classes=["a"])  # fmt: skip

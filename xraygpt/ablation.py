@@ -309,6 +309,16 @@ def _llm_override(value: str | Path) -> str:
     return f"model.llm.name_or_path={_value(value)}"
 
 
+def _first_stage_feature(stages: list[tuple[str, Any]], row: Any) -> str | None:
+    """encoder.feature of a row's first vision stage (its config with the stage's and the row's overrides)."""
+    if not stages:
+        return None
+    name, stage = stages[0]
+    step = _build_step("probe", "train", f"train.{name}", stage.config, [*stage.overrides, *row.train_overrides],
+                       Path("."))  # fmt: skip
+    return step.resolved.model.encoder.feature
+
+
 def plan_ablation(cfg: AblationConfig) -> Plan:
     """Every step of the ablation with its config built and checked (nothing runs)."""
     out = Path(cfg.output_dir)
@@ -328,6 +338,7 @@ def plan_ablation(cfg: AblationConfig) -> Plan:
     # stage 0: once, if any runnable row uses it; its architecture is every row's encoder architecture.
     arch = None
     stage0_ckpt = out / "stage0" / "encoder.safetensors"
+    stage0_init = out / "stage0" / "encoder_init.safetensors"
     if cfg.stage0.config:
         s0 = _build_step("stage0", "stage0", "stage0", cfg.stage0.config,
                          [*cfg.stage0.overrides, f"run.output_dir={_value(out / 'stage0')}"], out / "stage0")
@@ -361,7 +372,14 @@ def plan_ablation(cfg: AblationConfig) -> Plan:
     base_llm_name = None
     for rid, row in active.items():
         name = row.name or rid
-        if row.encoder == "random":
+        uses_s0 = row.encoder == "stage0"
+        if row.encoder == "random" and s0 is not None and _first_stage_feature(stages, row) == "labels":
+            # feature=labels needs a label head: the stage-0 run's seeded, untrained model and head
+            enc_desc = f"random init ({arch})"
+            enc_ov = [f"model.encoder.checkpoint={_value(stage0_init)}"]
+            steps.setdefault(s0.key, s0)
+            uses_s0 = True
+        elif row.encoder == "random":
             enc_desc = f"random init ({arch})" if arch else "random init"
             enc_ov = ["model.encoder.checkpoint=null"]
         elif row.encoder == "stage0":
@@ -383,7 +401,7 @@ def plan_ablation(cfg: AblationConfig) -> Plan:
         llm_step = llm_chain(row.llm, f"rows.{rid}")
         llm_ov = [_llm_override(llm_step.out_dir / "final")] if llm_step else \
             ([_llm_override(cfg.base_llm)] if cfg.base_llm else [])
-        deps = [x for x in (s0 if row.encoder == "stage0" else None, llm_step) if x is not None]
+        deps = [x for x in (s0 if uses_s0 else None, llm_step) if x is not None]
         prev = None
         for sname, stage in stages:
             d = out / "rows" / rid / sname

@@ -39,7 +39,7 @@ CXR_STD = (0.27950088968644304,) * 3
 # CLIP's (and open_clip's default) RGB statistics.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-FEATURES = ("patch", "pooled")
+FEATURES = ("patch", "pooled", "labels")
 
 
 # Project open_clip model configs: one JSON per architecture (open_clip's model-config format).
@@ -96,7 +96,9 @@ class EncoderConfig:
     name: str = "xray-vit-tiny"
     checkpoint: str | None = None  # local file or folder; None = seeded random init
     image_size: int | None = None  # override the encoder's own input size
-    feature: str = "patch"  # "patch": every patch/sequence token; "pooled": one pooled token
+    # "patch": every patch/sequence token; "pooled": one pooled token; "labels" (open_clip stage-0 checkpoints
+    # with a label head): per patch, the film's predicted finding logits and the patch's own (B, N, 2C)
+    feature: str = "patch"
     layer: int = -1  # hf_clip only: hidden-state index (-1 last, -2 penultimate as in LLaVA)
     # Architecture overrides: open_clip -> merged into vision_cfg; medclip vit -> SwinConfig kwargs
     # (default: inferred from the checkpoint, else swin-tiny); hf_clip -> CLIPVisionConfig kwargs.

@@ -8,6 +8,15 @@ contrastive pretraining: `build_open_clip_model`, `get_open_clip_tokenizer`, `sa
 Features: open_clip's VisionTransformer with `output_tokens=True` returns `(pooled, tokens)`, where
 tokens are the patch tokens (class token dropped) after `ln_post` (unless the config sets
 `final_ln_after_pool`) and before the projection; pooled is the projected class token.
+
+feature="labels" reads the stage-0 label head saved with the checkpoint (`label_head.*`, classes in the
+metadata) and gives every patch token the film's predicted finding logits next to that patch's own
+class-activation logits (the same head applied to the patch alone):
+
+    patch tokens (B, N, W) -> project -> (B, N, E) --mean/pool--> (B, E) -> unit * sqrt(E) -> head -> (B, C)
+    token n = [ image logits (C) | head(patch n, scaled like the pooled embedding) (C) ]  ->  (B, N, 2C)
+
+so the features the projection reads are the encoder's findings, in a fixed 2C-dimensional basis.
 """
 
 from __future__ import annotations
@@ -46,6 +55,9 @@ FOLDER_CONFIG = "open_clip_config.json"
 FOLDER_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "model.safetensors")
 META_NAME = "open_clip_model_name"
 META_CFG = "open_clip_model_cfg"
+META_LABELS = "label_classes"  # JSON list: the classes of the saved label head
+META_POOL = "image_pool"  # how stage 0 pooled the image embedding the label head reads
+LABEL_HEAD = "label_head."  # key prefix of the stage-0 image label head in a checkpoint
 _registered = False
 
 
@@ -53,6 +65,8 @@ def register_project_configs() -> None:
     """Add configs/ to open_clip's registry once (at first use, not at import)."""
     global _registered
     if not _registered:
+        import xraygpt.encoders.cxr_cnn  # noqa: F401  registers the project's timm trunks (cxr_vgg_tiny)
+
         open_clip.add_model_config(PROJECT_CONFIG_DIR)
         _registered = True
 
@@ -135,6 +149,7 @@ class OpenClipEncoder(ImageEncoder):
         super().__init__(config)
         if config.layer != -1:
             raise ValueError("encoder.layer is only supported for hf_clip; open_clip returns the last layer.")
+        register_project_configs()  # a checkpoint's own config may name a project timm trunk
         model_cfg, preprocess, weights = _resolve(config)
         vision_cfg = {**model_cfg["vision_cfg"], **config.arch}
         if config.image_size is not None:
@@ -145,8 +160,15 @@ class OpenClipEncoder(ImageEncoder):
             vision_cfg["output_tokens"] = True
         self.visual = _build_vision_tower(model_cfg["embed_dim"], vision_cfg,
                                           quick_gelu=model_cfg.get("quick_gelu", False))
+        self.label_head: nn.Linear | None = None
+        self.label_classes: list[str] | None = None
         if weights is not None:
             self._load(weights)
+        if config.feature == "labels" and self.label_head is None:
+            raise ValueError(
+                f"encoder.feature=labels needs a stage-0 checkpoint with a label head ({LABEL_HEAD}weight); "
+                f"{weights or 'a random init'} has none. Train stage 0 with loss.label_weight > 0, or use "
+                "feature=patch.")
 
         image_size = vision_cfg.get("image_size", 224)
         if isinstance(image_size, (tuple, list)):
@@ -160,19 +182,35 @@ class OpenClipEncoder(ImageEncoder):
         self.hidden_size, self.num_tokens = self._count(model_cfg["embed_dim"])
 
     def _load(self, weights: Path) -> None:
-        state = _visual_state(load_state_dict_file(weights)[0])
+        full, meta = load_state_dict_file(weights)
+        if self.config.feature == "labels" and f"{LABEL_HEAD}weight" in full:
+            self._load_label_head(full, meta, weights)
+        state = _visual_state({k: v for k, v in full.items() if not k.startswith(LABEL_HEAD)})
         if "positional_embedding" in state:  # interpolate the position grid if image_size was overridden
             holder = {"visual.positional_embedding": state["positional_embedding"]}
             resize_pos_embed(holder, SimpleNamespace(visual=self.visual))
             state["positional_embedding"] = holder["visual.positional_embedding"]
         load_strict(self.visual, state, str(weights))
 
+    def _load_label_head(self, state: dict[str, torch.Tensor], meta: dict[str, str], weights: Path) -> None:
+        weight, bias = state[f"{LABEL_HEAD}weight"], state.get(f"{LABEL_HEAD}bias")
+        classes = json.loads(meta.get(META_LABELS, "null")) or [f"class_{i}" for i in range(weight.shape[0])]
+        pool = meta.get(META_POOL, "patch_mean")
+        if pool != "patch_mean":
+            raise ValueError(f"{weights}: its label head reads the '{pool}' image embedding; feature=labels needs a "
+                             "stage-0 run with model.image_pool=patch_mean")  # fmt: skip
+        if len(classes) != weight.shape[0]:
+            raise ValueError(f"{weights}: label head has {weight.shape[0]} outputs but {len(classes)} class names")
+        self.label_head = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+        load_strict(self.label_head, {"weight": weight, **({"bias": bias} if bias is not None else {})}, str(weights))
+        self.label_classes = list(classes)
+
     def _count(self, embed_dim: int) -> tuple[int, int]:
         """(D_img, T_img) without running the tower where the architecture says it."""
         v = self.visual
         if self.config.feature == "pooled":
             return embed_dim, 1
-        if isinstance(v, VisionTransformer) and v.attn_pool is None:
+        if isinstance(v, VisionTransformer) and v.attn_pool is None and self.config.feature == "patch":
             grid = v.grid_size[0] * v.grid_size[1]
             return v.transformer.width, grid + (1 if v.pool_type == "none" else 0)
         with torch.no_grad():  # anything else (timm trunks, attentional pools): measure once
@@ -181,6 +219,8 @@ class OpenClipEncoder(ImageEncoder):
         return out.shape[2], out.shape[1]
 
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if self.config.feature == "labels":
+            return self.encode_labels(pixel_values)
         v = self.visual
         if isinstance(v, TimmModel):
             if self.config.feature == "pooled":
@@ -195,6 +235,31 @@ class OpenClipEncoder(ImageEncoder):
         pooled, tokens = v(pixel_values)  # (B, embed_dim), (B, grid*grid, width)
         return pooled[:, None] if self.config.feature == "pooled" else tokens
 
+    def encode_labels(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, N, 2C): [image label logits | patch class-activation logits] per patch token."""
+        v = self.visual
+        if isinstance(v, TimmModel):
+            fmap = v.trunk.forward_features(pixel_values)  # (B, W, h, w) for a convnet trunk
+            if fmap.ndim != 4:
+                raise NotImplementedError("feature=labels supports convnet timm trunks and open_clip ViTs")
+            pooled = v.head(v.trunk.forward_head(fmap, pre_logits=True))  # (B, E): what stage 0 pooled
+            patches = v.head(fmap.flatten(2).transpose(1, 2))  # (B, N, E): the same projection per patch
+        elif isinstance(v, VisionTransformer):
+            saved, v.output_tokens = v.output_tokens, True
+            try:
+                _, tokens = v(pixel_values)  # (B, N, W)
+            finally:
+                v.output_tokens = saved
+            patches = tokens @ v.proj if v.proj is not None else tokens  # (B, N, E)
+            pooled = patches.mean(1)  # (B, E): stage 0's patch_mean
+        else:
+            raise NotImplementedError(f"feature=labels does not support open_clip tower {type(v).__name__}")
+        # stage 0's head reads the unit embedding times sqrt(E); scale each patch by the same factor
+        scale = pooled.shape[-1] ** 0.5 / pooled.norm(dim=-1, keepdim=True).clamp_min(1e-6)  # (B, 1)
+        image = self.label_head(pooled * scale)  # (B, C)
+        local = self.label_head(patches * scale[:, None])  # (B, N, C)
+        return torch.cat([image[:, None].expand_as(local), local], dim=-1)  # (B, N, 2C)
+
 
 # ---- stage 0: the full CLIP model, its tokenizer and checkpoint format ----
 
@@ -204,7 +269,7 @@ def build_open_clip_model(name: str, checkpoint: str | os.PathLike | None = None
     model = open_clip.create_model(name, pretrained=None)
     if checkpoint is not None:
         state = load_state_dict_file(checkpoint)[0]
-        load_strict(model, state, str(checkpoint))
+        load_strict(model, {k: v for k, v in state.items() if not k.startswith(LABEL_HEAD)}, str(checkpoint))
     model.xraygpt_open_clip_name = name
     model.xraygpt_open_clip_cfg = cfg
     return model
@@ -217,11 +282,15 @@ def get_open_clip_tokenizer(name: str):
     return open_clip.get_tokenizer(name)
 
 
-def save_open_clip_checkpoint(model: nn.Module, path: str | os.PathLike, meta: dict | None = None) -> Path:
+def save_open_clip_checkpoint(model: nn.Module, path: str | os.PathLike, meta: dict | None = None, *,
+                              label_head: nn.Linear | None = None, label_classes: list[str] | None = None,
+                              image_pool: str = "patch_mean") -> Path:  # fmt: skip
     """Write the full model as safetensors, atomically, naming its open_clip config in the metadata.
 
     The file loads back with `build_open_clip_model(name, path)` or as an encoder checkpoint
     (`EncoderConfig(type="open_clip", name=name, checkpoint=path)`, which reads only `visual.*`).
+    `label_head` (stage 0's image head, on the unit embedding times sqrt(E)) is stored as `label_head.*`
+    with its class names, for feature="labels".
     """
     from safetensors.torch import save_file
 
@@ -237,6 +306,12 @@ def save_open_clip_checkpoint(model: nn.Module, path: str | os.PathLike, meta: d
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     metadata = {META_NAME: name, META_CFG: json.dumps(cfg), "meta": json.dumps(meta, default=str)}
+    if label_head is not None:
+        if label_classes is None or len(label_classes) != label_head.out_features:
+            raise ValueError(f"label_classes must name the {label_head.out_features} outputs of label_head")
+        state.update({f"{LABEL_HEAD}{k}": v.detach().to("cpu").contiguous().clone()
+                      for k, v in label_head.state_dict().items()})  # fmt: skip
+        metadata.update({META_LABELS: json.dumps(list(label_classes)), META_POOL: image_pool})
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         save_file(state, str(tmp), metadata=metadata)

@@ -13,7 +13,9 @@ similarity, so pairs that say the same thing share the probability mass. (MedCLI
 similarity, which for a batch of 64 puts ~4% on the true pair; normalising the cosine rows keeps the
 targets sharp: a pair with no label-mate puts all its mass on itself.)
 
-Outputs in `run.output_dir`: `encoder.safetensors` (the full CLIP model; `build_encoder` reads its `visual.*`)
+Outputs in `run.output_dir`: `encoder.safetensors` (the full CLIP model; `build_encoder` reads its `visual.*`;
+with loss.label_weight > 0 also the image label head, for encoder.feature=labels), `encoder_init.safetensors`
+(the seeded untrained model and head: a "random weights, same architecture" encoder that still has a head)
 and `stage0_meta.json` (config, data identity, loss curve), written last so it marks a complete run.
 `evaluate_encoder` measures image->text retrieval and linear-probe AUROC against random weights.
 """
@@ -42,6 +44,7 @@ from xraygpt.encoders.base import EncoderConfig, ImageProcessingConfig
 log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "encoder.safetensors"
+INIT_NAME = "encoder_init.safetensors"  # the same architecture at its seeded initial weights (Baseline rows)
 META_NAME = "stage0_meta.json"
 EVAL_NAME = "stage0_eval.json"
 META_VERSION = 1
@@ -472,6 +475,8 @@ def pretrain_encoder(cfg: EncoderPretrainConfig, train: PairSet | None = None) -
         meta = _complete_run(out, cfg, data.identity)
         if meta is not None:
             log.info("stage 0: reusing the finished run in %s (run.force=true retrains)", out)
+            if not (out / INIT_NAME).is_file():  # runs saved before the init file existed
+                save_initial_encoder(cfg, out / INIT_NAME, meta.get("label_classes"))
             return Stage0Result(out / CHECKPOINT_NAME, meta, reused=True)
     out.mkdir(parents=True, exist_ok=True)
     (out / META_NAME).unlink(missing_ok=True)  # an interrupted retrain must not look complete
@@ -489,7 +494,7 @@ def pretrain_encoder(cfg: EncoderPretrainConfig, train: PairSet | None = None) -
                 train = load_pairs(data.root, data.train_file, data.labels_file, processing, tokenizer,
                                    cfg.run.threads)  # fmt: skip
             load_seconds = time.perf_counter() - t0
-            history, steps, train_seconds = _train(model, train, cfg, tqdm)
+            history, steps, train_seconds, heads = _train(model, train, cfg, tqdm)
     finally:
         torch.set_num_threads(threads_before)
 
@@ -503,17 +508,34 @@ def pretrain_encoder(cfg: EncoderPretrainConfig, train: PairSet | None = None) -
                  "truncated_reports": int((train.tokens[:, -1] != PAD_ID).sum()),
                  "context_length": int(train.tokens.shape[1])},  # fmt: skip
         "processing": processing.to_dict(),
+        "label_classes": train.classes if heads is not None else None,
         "train": {"steps": steps, "epoch_mean_loss": history, "logit_scale": round(model.logit_scale.exp().item(), 4),
                   "load_seconds": round(load_seconds, 2), "train_seconds": round(train_seconds, 2),
                   "total_seconds": round(time.perf_counter() - t_start, 2)},  # fmt: skip
         "torch": torch.__version__,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    save_open_clip_checkpoint(model, out / CHECKPOINT_NAME, meta={"stage0_meta": META_NAME, "seed": cfg.run.seed})
+    save_open_clip_checkpoint(model, out / CHECKPOINT_NAME, meta={"stage0_meta": META_NAME, "seed": cfg.run.seed},
+                              label_head=heads["image"] if heads is not None else None,
+                              label_classes=train.classes, image_pool=cfg.model.image_pool)  # fmt: skip
+    save_initial_encoder(cfg, out / INIT_NAME, train.classes if heads is not None else None)
     atomic_write_text(out / META_NAME, json.dumps(meta, indent=1) + "\n")  # last: marks the run complete
     log.info("stage 0: saved %s (%d steps, loss %.4f -> %.4f, %.0f s)", out / CHECKPOINT_NAME, steps,
              history[0], history[-1], train_seconds)  # fmt: skip
     return Stage0Result(out / CHECKPOINT_NAME, meta, reused=False, model=model.eval())
+
+
+def save_initial_encoder(cfg: EncoderPretrainConfig, path: Path, label_classes: list[str] | None) -> Path:
+    """The untrained model (seeded by run.seed, as stage 0 and evaluate_encoder's random reference build it)
+    with an untrained label head when stage 0 trains one: same architecture, same feature shapes, no learning."""
+    from xraygpt.encoders.open_clip_encoder import build_open_clip_model, save_open_clip_checkpoint
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.run.seed)
+        model = build_open_clip_model(cfg.model.name)
+        head = nn.Linear(model.text_projection.shape[-1], len(label_classes)) if label_classes else None
+    return save_open_clip_checkpoint(model, path, meta={"untrained": True, "seed": cfg.run.seed}, label_head=head,
+                                     label_classes=label_classes, image_pool=cfg.model.image_pool)  # fmt: skip
 
 
 def _processing_for(name: str) -> ImageProcessingConfig:
@@ -523,7 +545,9 @@ def _processing_for(name: str) -> ImageProcessingConfig:
     return build_encoder(EncoderConfig(type="open_clip", name=name)).processing
 
 
-def _train(model: nn.Module, train: PairSet, cfg: EncoderPretrainConfig, tqdm) -> tuple[list[float], int, float]:
+def _train(model: nn.Module, train: PairSet, cfg: EncoderPretrainConfig, tqdm
+           ) -> tuple[list[float], int, float, nn.ModuleDict | None]:  # fmt: skip
+    """The training loop: (epoch mean losses, steps, seconds, the label heads or None)."""
     o, r = cfg.optim, cfg.run
     if cfg.loss.semantic and train.labels is None:
         raise ConfigError("loss.semantic=true needs labels for the training pairs (data.labels_file)")
@@ -537,7 +561,8 @@ def _train(model: nn.Module, train: PairSet, cfg: EncoderPretrainConfig, tqdm) -
         if train.labels is None:
             raise ConfigError("loss.label_weight > 0 needs labels for the training pairs (data.labels_file)")
         dim, n_cls = model.text_projection.shape[-1], train.labels.shape[1]
-        heads = nn.ModuleDict({"image": nn.Linear(dim, n_cls), "text": nn.Linear(dim, n_cls)})  # not saved
+        # the image head is saved with the checkpoint (feature="labels"); the text head is not
+        heads = nn.ModuleDict({"image": nn.Linear(dim, n_cls), "text": nn.Linear(dim, n_cls)})
         groups.append({"params": list(heads.parameters()), "weight_decay": 0.0})
     opt = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, int(o.warmup_frac * total), o.lr, o.min_lr))
@@ -578,7 +603,9 @@ def _train(model: nn.Module, train: PairSet, cfg: EncoderPretrainConfig, tqdm) -
         history.append(round(float(np.mean(losses)), 5))
     bar.close()
     model.eval()
-    return history, step, time.perf_counter() - t0
+    if heads is not None:
+        heads.eval()
+    return history, step, time.perf_counter() - t0, heads
 
 
 # ------------------------------------------------------------------------------------------------- evaluation
@@ -627,6 +654,26 @@ def pooled_patch_features(encoder: nn.Module, pairs: PairSet, batch_size: int = 
     """(N, D_img): the mean of the encoder's patch tokens per film (what llama_proj will see, averaged)."""
     feats = [encoder(pairs.pixels(slice(i, i + batch_size))).mean(1) for i in range(0, len(pairs), batch_size)]
     return torch.cat(feats).float()
+
+
+@torch.no_grad()
+def label_head_auroc(name: str, checkpoint: str | Path, pairs: PairSet, batch_size: int = 128
+                     ) -> dict[str, float | None] | None:  # fmt: skip
+    """Per-class AUROC of the checkpoint's own label head on `pairs`; None when it saved no head."""
+    from xraygpt.encoders import build_encoder
+
+    try:
+        enc = build_encoder(EncoderConfig(type="open_clip", name=name, checkpoint=str(checkpoint), feature="labels"))
+    except ValueError as e:
+        if "label head" not in str(e):
+            raise
+        return None
+    n_cls = len(enc.label_classes)
+    scores = torch.cat([enc(pairs.pixels(slice(i, i + batch_size)))[:, 0, :n_cls]
+                        for i in range(0, len(pairs), batch_size)]).double().numpy()  # fmt: skip
+    keep = pairs.labelled.numpy()
+    y = pairs.labels.numpy()[keep]
+    return {c: _round(auroc(scores[keep, k], y[:, k])) for k, c in enumerate(enc.label_classes)}
 
 
 def probe_auroc(train_x: torch.Tensor, train: PairSet, test_x: torch.Tensor, test: PairSet) -> dict[str, float | None]:
@@ -737,6 +784,13 @@ def evaluate_encoder(cfg: EncoderPretrainConfig, checkpoint: str | Path | None =
                 "features": "mean of the patch tokens (build_encoder, feature='patch'); L2 logistic regression "
                             "per class on standardised features; unlabelled films left out",
             }  # fmt: skip
+            head = label_head_auroc(cfg.model.name, checkpoint, test)
+            if head is not None:
+                result["label_head_auroc"] = {
+                    "trained": head,
+                    "macro": _round(float(np.mean([head[c] for c in scored]))) if scored else None,
+                    "scores": "the saved stage-0 image label head's logits (build_encoder, feature='labels')",
+                }  # fmt: skip
     finally:
         torch.set_num_threads(threads_before)
     result["seconds"] = round(time.perf_counter() - t0, 2)
@@ -749,9 +803,10 @@ def write_eval(result: dict, path: Path) -> Path:
 
 
 __all__ = [
-    "CHECKPOINT_NAME", "EVAL_NAME", "META_NAME", "EncoderPretrainConfig", "PairSet", "Stage0DataConfig",
+    "CHECKPOINT_NAME", "EVAL_NAME", "INIT_NAME", "META_NAME", "EncoderPretrainConfig", "PairSet", "Stage0DataConfig",
     "Stage0LossConfig", "Stage0ModelConfig", "Stage0OptimConfig", "Stage0Result", "Stage0RunConfig", "auroc",
-    "batch_order", "contrastive_loss", "encode_text", "evaluate_encoder", "fit_linear_probe", "load_pairs",
+    "batch_order", "contrastive_loss", "encode_text", "evaluate_encoder", "fit_linear_probe", "label_head_auroc",
+    "load_pairs",
     "pooled_patch_features", "prepare_data", "pretrain_encoder", "probe_auroc", "read_labels", "retrieval_scores",
-    "semantic_similarity", "semantic_targets", "write_eval",
+    "save_initial_encoder", "semantic_similarity", "semantic_targets", "write_eval",
 ]  # fmt: skip

@@ -38,6 +38,9 @@ def build_encoder(cfg: EncoderConfig | dict) -> ImageEncoder:
     if isinstance(cfg, dict):
         cfg = EncoderConfig.from_dict(cfg)
     cls = _encoder_class(cfg.type)
+    if cfg.feature == "labels" and cfg.type != "open_clip":
+        raise ValueError(f"encoder.feature=labels reads a stage-0 label head, which only open_clip checkpoints "
+                         f"carry; encoder.type={cfg.type} supports feature=patch or pooled")  # fmt: skip
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_INIT_SEED)
         encoder = cls(cfg)

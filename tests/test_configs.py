@@ -25,7 +25,7 @@ def schema_for(path: Path):
         from data_prep.config import DataPrepConfig
 
         return DataPrepConfig
-    if rel.endswith("stage0_encoder.yaml"):
+    if rel.split("/")[-1].startswith("stage0_encoder"):
         from xraygpt.encoders.pretrain import EncoderPretrainConfig
 
         return EncoderPretrainConfig

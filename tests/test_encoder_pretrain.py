@@ -216,3 +216,23 @@ def test_evaluate_encoder_reports_both_encoders(short_run):
     head = ev["label_head_auroc"]["trained"]
     assert set(head) == set(json.loads(ds.labels_file.read_text())["classes"])
     assert all(v is None or 0 <= v <= 1 for v in head.values())
+
+
+def test_vit_stage0_config_trains_a_vit_whose_loss_falls(tmp_path):
+    """The shipped ViT alternative (xray-vit-hybrid: conv stem + transformer blocks) runs the same recipe."""
+    from xraygpt.data.embedded import build_embedded_dataset
+    from xraygpt.encoders.open_clip_encoder import TimmModel
+
+    ds = build_embedded_dataset(out_dir=tmp_path / "data", limit=80)
+    cfg = load_config(EncoderPretrainConfig, REPO / "configs" / "demo" / "stage0_encoder_vit.yaml",
+                      [f"data.root={ds.root}", "data.limit=80", f"run.output_dir={tmp_path / 'run'}",
+                       "run.batch_size=16", "run.epochs=5", "run.length_buckets=1", "run.progress=false"])  # fmt: skip
+    assert cfg.model.name == "xray-vit-hybrid" and cfg.loss.label_weight > 0
+    result = pretrain_encoder(cfg)
+    history = result.meta["train"]["epoch_mean_loss"]
+    assert history[-1] < history[0] - 0.25, history
+    trunk = result.model.visual
+    assert isinstance(trunk, TimmModel) and len(trunk.trunk.blocks) == 4  # a transformer, not a convnet
+    enc = build_encoder(EncoderConfig(type="open_clip", name="xray-vit-hybrid", checkpoint=str(result.checkpoint),
+                                      feature="labels"))  # fmt: skip
+    assert enc(torch.zeros(1, 3, 128, 128)).shape == (1, 64, 28)

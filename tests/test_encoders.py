@@ -356,7 +356,7 @@ def test_cxr_vgg_trunk_is_a_timm_model_with_the_documented_grid():
     assert (encoder.num_tokens, encoder.hidden_size) == (64, 128) and encoder.processing.image_size == 128
 
 
-@pytest.mark.parametrize("name", ["xray-vgg-tiny", "xray-vit-tiny"])
+@pytest.mark.parametrize("name", ["xray-vgg-tiny", "xray-vit-tiny", "xray-vit-hybrid"])
 def test_label_feature_is_image_and_patch_logits_of_the_saved_head(tmp_path, name):
     """feature=labels: every token = [the head on the pooled embedding | the head on that patch], exact."""
     torch.manual_seed(0)
@@ -375,6 +375,9 @@ def test_label_feature_is_image_and_patch_logits_of_the_saved_head(tmp_path, nam
         if name == "xray-vgg-tiny":
             pooled = v(x)  # (2, 256): what stage 0 embeds (patch_mean of a timm tower = its pooled output)
             patches = v.head(v.trunk.forward_features(x).flatten(2).transpose(1, 2))  # (2, 64, 256)
+        elif name == "xray-vit-hybrid":
+            pooled = v(x)  # (2, 256): the timm ViT's average-pooled tokens, projected
+            patches = v.head(v.trunk.forward_features(x))  # (2, 64, 256): no class token, norm before the pool
         else:
             v.output_tokens = True
             patches = v(x)[1] @ v.proj  # (2, 49, 256)
@@ -383,7 +386,7 @@ def test_label_feature_is_image_and_patch_logits_of_the_saved_head(tmp_path, nam
         image, local = head(pooled * scale), head(patches * scale[:, None])
     torch.testing.assert_close(feats[:, :, :3], image[:, None].expand(-1, enc.num_tokens, -1))
     torch.testing.assert_close(feats[:, :, 3:], local)
-    if name == "xray-vit-tiny":  # linear all the way: the patches' own logits average to the image's
+    if name != "xray-vgg-tiny":  # linear all the way (avg pool): the patches' own logits average to the image's
         torch.testing.assert_close(local.mean(1), image, rtol=1e-5, atol=1e-5)
 
 
@@ -398,3 +401,27 @@ def test_label_feature_errors_name_the_fix(tmp_path):
     with pytest.raises(ValueError, match="name the 2 outputs"):
         save_open_clip_checkpoint(build_open_clip_model("xray-vgg-tiny"), tmp_path / "bad.safetensors",
                                   label_head=nn.Linear(256, 2), label_classes=["a"])  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["xray-vgg-tiny", "xray-cnn-tiny", "xray-vit-hybrid"])
+def test_loading_a_cnn_tower_keeps_its_batchnorm_statistics(tmp_path, name):
+    """Regression: building the encoder ran a probe forward in training mode, which moved BatchNorm's running
+    statistics away from the checkpoint's, so every feature differed slightly from what stage 0 trained."""
+    torch.manual_seed(0)
+    model = build_open_clip_model(name)
+    for module in model.visual.modules():
+        if isinstance(module, nn.BatchNorm2d):  # statistics a trained tower would have: far from the init
+            module.running_mean.normal_(0, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    model.eval()
+    path = save_open_clip_checkpoint(model, tmp_path / "clip.safetensors")
+    encoder = build_encoder(EncoderConfig("open_clip", name, checkpoint=str(path)))  # patch: sized by a probe run
+    saved = model.visual.state_dict()
+    for key, value in encoder.visual.state_dict().items():
+        assert torch.equal(value, saved[key]), key
+    x = pixels(encoder)
+    with torch.no_grad():
+        tokens = model.visual.trunk.forward_features(x)
+        tokens = tokens.flatten(2).transpose(1, 2) if tokens.ndim == 4 else tokens  # (2, N, W)
+        torch.testing.assert_close(encoder(x), tokens, rtol=0, atol=0)
+    assert encoder.identity()["feature_code"] == 2  # cached features of the old code are not reused

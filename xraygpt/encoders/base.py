@@ -40,6 +40,7 @@ CXR_STD = (0.27950088968644304,) * 3
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 FEATURES = ("patch", "pooled", "labels")
+FEATURE_CODE_VERSION = 2
 
 
 # Project open_clip model configs: one JSON per architecture (open_clip's model-config format).
@@ -251,6 +252,9 @@ class ImageEncoder(nn.Module):
         if self._identity is None:
             ckpt = self.config.checkpoint
             self._identity = {
+                # bumped when the same weights start giving other features: cached features of older code are
+                # not reused (2: BatchNorm statistics of timm towers were moved by a probe forward before)
+                "feature_code": FEATURE_CODE_VERSION,
                 "type": self.config.type,
                 "name": self.config.name if self.config.type != "hf_clip" else None,
                 "feature": self.config.feature,

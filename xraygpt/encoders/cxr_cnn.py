@@ -63,3 +63,28 @@ def cxr_vgg_tiny(pretrained: bool = False, **kwargs) -> CxrCNN:
     for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
         kwargs.pop(key, None)
     return CxrCNN(**kwargs)
+
+
+@register_model
+def cxr_vgg_vit_tiny(pretrained: bool = False, **kwargs) -> nn.Module:
+    """A small hybrid ViT: the VGG stem above (3 stages, 128 px -> 16x16x64), 2x2 patches -> 64 tokens of width
+    128, 4 pre-norm transformer blocks (4 heads), average-pooled. Plain ViTs trained from scratch on the ~2,400
+    embedded films stay at chance (README); the convolutional stem gives the transformer local features to mix."""
+    from functools import partial
+
+    from timm.layers import HybridEmbed
+    from timm.models.vision_transformer import VisionTransformer
+
+    if pretrained:
+        raise ValueError("cxr_vgg_vit_tiny has no pretrained weights; stage 0 trains it (scripts/train_encoder.py)")
+    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+        kwargs.pop(key, None)
+    stem = CxrCNN(widths=(16, 32, 64), in_chans=kwargs.get("in_chans", 3)).features  # (B, 64, S/8, S/8)
+    # fc_norm=False: the final LayerNorm acts per token before the average pool (as open_clip's ln_post), so the
+    # patch tokens later stages read are normalised and their mean is exactly what the pool embeds
+    args = dict(img_size=128, patch_size=2, embed_dim=128, depth=4, num_heads=4, mlp_ratio=2.0, class_token=False,
+                global_pool="avg", fc_norm=False, num_classes=0)  # fmt: skip
+    args.update(kwargs)
+    model = VisionTransformer(embed_layer=partial(HybridEmbed, backbone=stem), **args)
+    model.default_cfg = model.pretrained_cfg = {"pool_size": None, "num_classes": 0}  # what open_clip reads
+    return model

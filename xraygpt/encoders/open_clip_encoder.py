@@ -160,6 +160,9 @@ class OpenClipEncoder(ImageEncoder):
             vision_cfg["output_tokens"] = True
         self.visual = _build_vision_tower(model_cfg["embed_dim"], vision_cfg,
                                           quick_gelu=model_cfg.get("quick_gelu", False))
+        # eval before anything runs the tower: _count's probe forward in training mode would move BatchNorm's
+        # running statistics (a real bug in CNN towers, caught by a test: features differed from the checkpoint's)
+        self.visual.eval()
         self.label_head: nn.Linear | None = None
         self.label_classes: list[str] | None = None
         if weights is not None:
@@ -239,11 +242,13 @@ class OpenClipEncoder(ImageEncoder):
         """(B, 3, S, S) -> (B, N, 2C): [image label logits | patch class-activation logits] per patch token."""
         v = self.visual
         if isinstance(v, TimmModel):
-            fmap = v.trunk.forward_features(pixel_values)  # (B, W, h, w) for a convnet trunk
-            if fmap.ndim != 4:
-                raise NotImplementedError("feature=labels supports convnet timm trunks and open_clip ViTs")
+            fmap = v.trunk.forward_features(pixel_values)  # convnet (B, W, h, w) | timm ViT (B, prefix + N, W)
             pooled = v.head(v.trunk.forward_head(fmap, pre_logits=True))  # (B, E): what stage 0 pooled
-            patches = v.head(fmap.flatten(2).transpose(1, 2))  # (B, N, E): the same projection per patch
+            if fmap.ndim == 4:
+                tokens = fmap.flatten(2).transpose(1, 2)  # (B, N, W)
+            else:
+                tokens = v.trunk.fc_norm(fmap[:, getattr(v.trunk, "num_prefix_tokens", 0):])  # as its pool sees them
+            patches = v.head(tokens)  # (B, N, E): the same projection per patch
         elif isinstance(v, VisionTransformer):
             saved, v.output_tokens = v.output_tokens, True
             try:

@@ -61,7 +61,7 @@ def test_stage1_then_stage2_on_embedded_demo_configs(embedded60, untrained_encod
     w1 = load_file(s1 / "final" / "model.safetensors")
     w2 = load_file(s2 / "final" / "model.safetensors")
     assert set(w1) == {"llama_proj.weight", "llama_proj.bias"}
-    assert w1["llama_proj.weight"].shape == (576, 28)  # SmolLM2 width x (14 film + 14 patch finding logits)
+    assert w1["llama_proj.weight"].shape == (576, 128)  # SmolLM2 width x xray-vgg-tiny channels
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], atol=1e-6, rtol=0)
     losses = [json.loads(line) for line in (s1 / "metrics.jsonl").read_text().splitlines()]
@@ -69,7 +69,7 @@ def test_stage1_then_stage2_on_embedded_demo_configs(embedded60, untrained_encod
 
     model = XrayGPT.from_pretrained(s2 / "final")
     cfg = json.loads((s2 / "final" / "xraygpt_config.json").read_text())["model"]
-    assert cfg["encoder"]["name"] == "xray-vgg-tiny" and cfg["encoder"]["feature"] == "labels"
+    assert cfg["encoder"]["name"] == "xray-vgg-tiny" and cfg["encoder"]["feature"] == "patch"
     assert cfg["llm"]["name_or_path"] == "embedded:smollm2"
     film = next((embedded60.root / "image").iterdir())
     text = model.summarize(film, max_new_tokens=8)

@@ -365,6 +365,9 @@ def test_label_feature_is_image_and_patch_logits_of_the_saved_head(tmp_path, nam
     path = save_open_clip_checkpoint(model, tmp_path / "clip.safetensors", label_head=head,
                                      label_classes=["No Finding", "Cardiomegaly", "Edema"])  # fmt: skip
     assert build_open_clip_model(name, path) is not None  # the head does not break the full-model load
+    from xraygpt.encoders.open_clip_encoder import has_label_head
+
+    assert has_label_head(path)
     enc = build_encoder(EncoderConfig("open_clip", name, checkpoint=str(path), feature="labels"))
     assert enc.label_classes == ["No Finding", "Cardiomegaly", "Edema"] and enc.hidden_size == 6
     x = pixels(enc)
@@ -391,7 +394,10 @@ def test_label_feature_is_image_and_patch_logits_of_the_saved_head(tmp_path, nam
 
 
 def test_label_feature_errors_name_the_fix(tmp_path):
+    from xraygpt.encoders.open_clip_encoder import has_label_head
+
     plain = save_open_clip_checkpoint(build_open_clip_model("xray-vgg-tiny"), tmp_path / "plain.safetensors")
+    assert not has_label_head(plain)  # evaluate_encoder then reports no label-head AUROC
     with pytest.raises(ValueError, match="label head.*loss.label_weight > 0"):
         build_encoder(EncoderConfig("open_clip", "xray-vgg-tiny", checkpoint=str(plain), feature="labels"))
     with pytest.raises(ValueError, match="label head.*random init"):

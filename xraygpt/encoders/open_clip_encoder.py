@@ -94,6 +94,12 @@ def _find_folder_weights(folder: Path) -> Path:
     raise FileNotFoundError(f"Checkpoint folder {folder} holds none of {list(FOLDER_WEIGHTS)}.")
 
 
+def has_label_head(checkpoint: str | os.PathLike) -> bool:
+    """Whether a stage-0 checkpoint (safetensors) carries a label head, from its metadata alone."""
+    path = Path(checkpoint)
+    return path.suffix == ".safetensors" and META_LABELS in _read_safetensors_metadata(path)
+
+
 def _read_safetensors_metadata(path: Path) -> dict[str, str]:
     from safetensors import safe_open
 
@@ -250,11 +256,7 @@ class OpenClipEncoder(ImageEncoder):
                 tokens = v.trunk.fc_norm(fmap[:, getattr(v.trunk, "num_prefix_tokens", 0):])  # as its pool sees them
             patches = v.head(tokens)  # (B, N, E): the same projection per patch
         elif isinstance(v, VisionTransformer):
-            saved, v.output_tokens = v.output_tokens, True
-            try:
-                _, tokens = v(pixel_values)  # (B, N, W)
-            finally:
-                v.output_tokens = saved
+            _, tokens = v(pixel_values)  # (B, N, W): the tower is built with output_tokens=True
             patches = tokens @ v.proj if v.proj is not None else tokens  # (B, N, E)
             pooled = patches.mean(1)  # (B, E): stage 0's patch_mean
         else:

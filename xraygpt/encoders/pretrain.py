@@ -661,13 +661,11 @@ def label_head_auroc(name: str, checkpoint: str | Path, pairs: PairSet, batch_si
                      ) -> dict[str, float | None] | None:  # fmt: skip
     """Per-class AUROC of the checkpoint's own label head on `pairs`; None when it saved no head."""
     from xraygpt.encoders import build_encoder
+    from xraygpt.encoders.open_clip_encoder import has_label_head
 
-    try:
-        enc = build_encoder(EncoderConfig(type="open_clip", name=name, checkpoint=str(checkpoint), feature="labels"))
-    except ValueError as e:
-        if "label head" not in str(e):
-            raise
+    if not has_label_head(checkpoint):
         return None
+    enc = build_encoder(EncoderConfig(type="open_clip", name=name, checkpoint=str(checkpoint), feature="labels"))
     n_cls = len(enc.label_classes)
     scores = torch.cat([enc(pairs.pixels(slice(i, i + batch_size)))[:, 0, :n_cls]
                         for i in range(0, len(pairs), batch_size)]).double().numpy()  # fmt: skip

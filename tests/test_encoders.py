@@ -69,6 +69,29 @@ def test_pooled_feature_is_one_token(kind):
     assert encoder.num_tokens == 1 and out.shape == (2, 1, encoder.hidden_size)
 
 
+@pytest.mark.parametrize("kind", ["medclip_vit", "hf_clip"])
+def test_token_grid_averages_square_regions_of_the_patch_grid(kind):
+    cfg, (tokens, hidden) = TINY[kind]  # both 4x4 grids
+    full = build_encoder(cfg)
+    pooled = build_encoder(EncoderConfig.from_dict({**cfg.to_dict(), "token_grid": 2}))
+    x = pixels(full)
+    f, p = full(x), pooled(x)  # (2, 16, D), (2, 4, D)
+    assert pooled.num_tokens == 4 and p.shape == (2, 4, hidden)
+    grid = f.reshape(2, 4, 4, hidden)  # row-major patch grid
+    top_right = grid[:, 0:2, 2:4].mean((1, 2))  # pooled token 1: rows 0-1, columns 2-3
+    torch.testing.assert_close(p[:, 1], top_right)
+    assert pooled.identity()["token_grid"] == 2 and "token_grid" not in full.identity()  # old cache keys unchanged
+
+
+def test_token_grid_errors_name_the_key():
+    with pytest.raises(ValueError, match="token_grid=8 needs a square patch grid of at least 8x8"):
+        build_encoder(EncoderConfig.from_dict({**TINY["hf_clip"][0].to_dict(), "token_grid": 8})).num_tokens
+    with pytest.raises(ValueError, match="feature=pooled has one token"):
+        EncoderConfig("hf_clip", feature="pooled", token_grid=2)
+    with pytest.raises(ValueError, match="integer >= 0"):
+        EncoderConfig("hf_clip", token_grid=-1)
+
+
 def test_random_init_is_seeded_and_leaves_caller_rng_alone():
     cfg = TINY["open_clip"][0]
     torch.manual_seed(123)

@@ -101,6 +101,9 @@ class EncoderConfig:
     # with a label head): per patch, the film's predicted finding logits and the patch's own (B, N, 2C)
     feature: str = "patch"
     layer: int = -1  # hf_clip only: hidden-state index (-1 last, -2 penultimate as in LLaVA)
+    # 0: every token of the tower's patch grid; g > 0: average-pool the square grid to g x g tokens, which
+    # shortens every LLM sequence by (side^2 - g^2) tokens (the ablation: 8x8 label logits -> 4x4)
+    token_grid: int = 0
     # Architecture overrides: open_clip -> merged into vision_cfg; medclip vit -> SwinConfig kwargs
     # (default: inferred from the checkpoint, else swin-tiny); hf_clip -> CLIPVisionConfig kwargs.
     arch: dict[str, Any] = field(default_factory=dict)
@@ -110,6 +113,10 @@ class EncoderConfig:
             raise ValueError(f"encoder.feature must be one of {FEATURES}, got '{self.feature}'")
         if self.arch is None:
             self.arch = {}
+        if not isinstance(self.token_grid, int) or self.token_grid < 0:
+            raise ValueError(f"encoder.token_grid must be an integer >= 0 (0: the tower's own grid), got {self.token_grid!r}")
+        if self.token_grid and self.feature == "pooled":
+            raise ValueError("encoder.token_grid pools patch tokens; feature=pooled has one token. Set token_grid=0.")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -217,13 +224,41 @@ class ImageEncoder(nn.Module):
 
     config: EncoderConfig
     hidden_size: int  # D_img
-    num_tokens: int  # T_img
     processing: ImageProcessingConfig
 
     def __init__(self, config: EncoderConfig):
         super().__init__()
         self.config = config
         self._identity: dict | None = None
+        self._tower_tokens = 0
+
+    @property
+    def num_tokens(self) -> int:
+        """T_img: the tower's token count, or token_grid^2 when the patch grid is pooled."""
+        return self._pooled_side() ** 2 if self.config.token_grid else self._tower_tokens
+
+    @num_tokens.setter
+    def num_tokens(self, value: int) -> None:  # subclasses set what their tower gives
+        self._tower_tokens = int(value)
+
+    def _pooled_side(self) -> int:
+        """token_grid, checked against the tower's grid (square, at least as large)."""
+        n, g = self._tower_tokens, self.config.token_grid
+        side = int(round(n ** 0.5))
+        if side * side != n or g > side:
+            raise ValueError(
+                f"encoder.token_grid={g} needs a square patch grid of at least {g}x{g} tokens; "
+                f"{self.config.type}:{self.config.name} with feature={self.config.feature} gives {n} tokens. "
+                "Set token_grid=0 or a smaller grid.")
+        return g
+
+    def pool_tokens(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, side*side, D) -> (B, g*g, D): average over g x g regions of the patch grid (row-major tokens)."""
+        g = self._pooled_side()
+        b, n, d = features.shape
+        side = int(round(n ** 0.5))
+        grid = features.transpose(1, 2).reshape(b, d, side, side)  # (B, D, side, side)
+        return nn.functional.adaptive_avg_pool2d(grid, g).flatten(2).transpose(1, 2)  # (B, g*g, D)
 
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -236,7 +271,9 @@ class ImageEncoder(nn.Module):
         param = next(self.parameters(), None)
         if param is not None and pixel_values.dtype != param.dtype:
             pixel_values = pixel_values.to(param.dtype)
-        features = self.encode(pixel_values)  # (B, T_img, D_img)
+        features = self.encode(pixel_values)  # (B, tower tokens, D_img)
+        if self.config.token_grid:
+            features = self.pool_tokens(features)  # (B, g*g, D_img)
         return features
 
     def train(self, mode: bool = True) -> ImageEncoder:
@@ -259,6 +296,7 @@ class ImageEncoder(nn.Module):
                 "name": self.config.name if self.config.type != "hf_clip" else None,
                 "feature": self.config.feature,
                 "layer": self.config.layer,
+                **({"token_grid": self.config.token_grid} if self.config.token_grid else {}),  # old keys stay valid
                 "arch": self.config.arch,
                 "num_tokens": self.num_tokens,
                 "hidden_size": self.hidden_size,

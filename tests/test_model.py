@@ -114,6 +114,39 @@ def test_greedy_generation_batch_1_equals_batch_4(model):
     assert all(len(t) > 0 for t in together)
 
 
+def test_image_guidance_zero_is_the_null_image_and_one_is_off(model):
+    features = model.get_image_features(pixels(3, seed=5))  # (3, 49, D_img)
+    gen = GenerationConfig(max_new_tokens=10)
+    plain = model.generate(image_features=features, generation=gen)
+    assert model.generate(image_features=features, generation=gen, image_guidance=1.0) == plain
+    null = model.generate(image_features=torch.zeros_like(features), generation=gen)
+    assert model.generate(image_features=features, generation=gen, image_guidance=0.0) == null != plain
+
+
+def test_image_guidance_follows_the_guided_log_probs(model):
+    """First answer token = argmax of l_null + s (l_image - l_null), computed here from the LLM's own logits."""
+    features = model.get_image_features(pixels(4, seed=6))
+    batch = model.processor(["Describe."] * 4, padding_side="left")
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+
+    def next_logp(feats):
+        embeds = model.merge_image_features(ids, model.encode_images(image_features=feats))
+        return torch.log_softmax(model.llm(inputs_embeds=embeds, attention_mask=mask).logits[:, -1].float(), -1)
+
+    image, null = next_logp(features), next_logp(torch.zeros_like(features))
+    expected = (null + 3.0 * (image - null)).argmax(-1)  # (4,)
+    out = model.generate(image_features=features, instructions="Describe.", max_new_tokens=1, image_guidance=3.0)
+    assert out == [model.strip_answer(model.tokenizer.decode([int(t)], skip_special_tokens=True)) for t in expected]
+    assert not torch.equal(expected, image.argmax(-1))  # the guidance changed at least one choice
+
+
+def test_image_guidance_rejects_sampling():
+    with pytest.raises(ValueError, match="greedy or beam search"):
+        GenerationConfig(do_sample=True, image_guidance=2.0)
+    with pytest.raises(ValueError, match=">= 0"):
+        GenerationConfig(image_guidance=-1.0)
+
+
 def test_generation_stops_on_end_marker(model, tokenizer):
     """Force the LM to emit 'ok###...' by biasing its output layer, then check the marker is cut."""
     ids = tokenizer("ok###ok", add_special_tokens=False).input_ids

@@ -123,9 +123,8 @@ class Conversation:
         gen = generation_config(self.generation, **overrides)
         ids = self.fit(question, gen.max_new_tokens)
         input_ids = torch.tensor([ids], dtype=torch.long)  # (1, L)
-        inputs_embeds = self.model.merge_image_features(input_ids, self.image_embeds)  # (1, L, D_llm)
         attention_mask = torch.ones_like(input_ids)  # (1, L)
-        answer = self.model.generate_from_embeds(inputs_embeds, attention_mask, gen)[0]
+        answer = self.model.generate_from_ids(input_ids, attention_mask, self.image_embeds, gen)[0]
         self.turns.append(Turn(question, answer))
         return answer
 

@@ -67,6 +67,18 @@ class GenerationConfig:
     repetition_penalty: float = 1.0
     length_penalty: float = 1.0
     min_new_tokens: int = 1
+    # Classifier-free guidance on the image (greedy or beam search): next-token log-probs
+    # l(null) + s * (l(image) - l(null)), where null is the same prompt with zero image features (the projection's
+    # bias alone). 1.0 = off; s > 1 makes the answer follow the film more than the LLM's language prior (a frozen
+    # LLM's pull toward the most common report); each step then runs the LLM on twice the batch.
+    image_guidance: float = 1.0
+
+    def __post_init__(self):
+        if self.image_guidance < 0:
+            raise ValueError(f"generation.image_guidance must be >= 0 (1.0 = off), got {self.image_guidance}")
+        if self.image_guidance != 1.0 and self.do_sample:
+            raise ValueError("generation.image_guidance != 1 needs greedy or beam search (do_sample=false): the "
+                             "guided and unguided rows must read the same tokens")
 
 
 def _first_line(error: Exception) -> str:
@@ -79,6 +91,24 @@ def refusal_reason(error: Exception) -> str:
     retry with weights_only=False (never right for a file of unknown origin)."""
     match = re.search(r"GLOBAL ([\w.]+)", str(error))
     return f"it would call {match.group(1)}" if match else "it holds Python objects, not only tensors"
+
+
+class ImageGuidance:
+    """Logits processor for a batch [image rows; null-image rows] (each half B * beams rows, same order):
+    both halves get l_null + s * (l_image - l_null) on log-probs, so they keep choosing the same tokens."""
+
+    def __init__(self, scale: float):
+        self.scale = scale
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if scores.shape[0] % 2:
+            raise ValueError(f"image guidance needs [image; null] row pairs, got {scores.shape[0]} rows")
+        logp = torch.log_softmax(scores.float(), dim=-1)  # (2N, V)
+        image, null = logp.chunk(2)  # (N, V) each
+        guided = null + self.scale * (image - null)
+        banned = torch.isneginf(image) | torch.isneginf(null)  # e.g. EOS before min_new_tokens: -inf - -inf is nan
+        guided = guided.masked_fill(banned, float("-inf"))
+        return torch.cat([guided, guided]).to(scores.dtype)
 
 
 class XrayGPT(nn.Module):
@@ -238,20 +268,36 @@ class XrayGPT(nn.Module):
         if len(instructions) != n:
             raise ValueError(f"{n} images but {len(instructions)} instructions")
         batch = self.processor(list(instructions), padding_side="left")
-        image_embeds = self.encode_images(pixel_values, image_features)
-        inputs_embeds = self.merge_image_features(batch["input_ids"], image_embeds)
-        return self.generate_from_embeds(inputs_embeds, batch["attention_mask"], gen)
+        image_embeds = self.encode_images(pixel_values, image_features)  # (B, T, D_llm)
+        return self.generate_from_ids(batch["input_ids"], batch["attention_mask"], image_embeds, gen)
+
+    def generate_from_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_embeds: torch.Tensor,
+                          gen: GenerationConfig) -> list[str]:
+        """Answers for prompts (B, L) whose image slots take `image_embeds` (B, T, D_llm); adds the null-image
+        rows that `gen.image_guidance` compares against."""
+        n = input_ids.shape[0]
+        inputs_embeds = self.merge_image_features(input_ids, image_embeds)  # (B, L, D_llm)
+        if gen.image_guidance != 1.0:  # rows B..2B-1: the same prompts with the null image
+            null = self.project(image_embeds.new_zeros(n, self.num_image_tokens, self.encoder.hidden_size))
+            inputs_embeds = torch.cat([inputs_embeds, self.merge_image_features(input_ids, null)])  # (2B, L, D)
+            attention_mask = torch.cat([attention_mask, attention_mask])  # (2B, L)
+        return self.generate_from_embeds(inputs_embeds, attention_mask, gen)[:n]
 
     def generate_from_embeds(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
                              gen: GenerationConfig) -> list[str]:
+        """Answers for a batch of prompt embeds; with image guidance the batch must be [image rows; null-image
+        rows] (as `generate_from_ids` builds it) and both halves come back (identical texts)."""
+        from transformers import LogitsProcessorList
+
         tok = self.tokenizer
+        guidance = [] if gen.image_guidance == 1.0 else [ImageGuidance(gen.image_guidance)]
         out = self.llm.generate(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask.to(inputs_embeds.device),
             max_new_tokens=gen.max_new_tokens, min_new_tokens=gen.min_new_tokens, num_beams=gen.num_beams,
             do_sample=gen.do_sample, temperature=gen.temperature if gen.do_sample else None,
             top_p=gen.top_p if gen.do_sample else None, top_k=None,
             repetition_penalty=gen.repetition_penalty, length_penalty=gen.length_penalty,
-            stopping_criteria=self._stop_at_end_marker(),
+            stopping_criteria=self._stop_at_end_marker(), logits_processor=LogitsProcessorList(guidance),
             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
         texts = tok.batch_decode(out, skip_special_tokens=True)
         return [self.strip_answer(t) for t in texts]

@@ -154,3 +154,23 @@ def test_missing_image_named(tiny_llm_dir, toy_data, tmp_path):
     cfg.data.val_ann_file = None
     with pytest.raises(FileNotFoundError, match="ghost"):
         train(cfg)
+
+
+@pytest.mark.parametrize("cache", ["true", "false"])
+def test_proj_init_embedding_scale_starts_image_embeds_at_the_word_norm(tiny_llm_dir, toy_data, tmp_path, cache):
+    from xraygpt.train.init import feature_sample
+    from xraygpt.train.trainer import Trainer
+
+    default = Trainer(make_cfg(tiny_llm_dir, toy_data, tmp_path / "a", f"run.feature_cache={cache}"))
+    scaled = Trainer(make_cfg(tiny_llm_dir, toy_data, tmp_path / "b", f"run.feature_cache={cache}",
+                              "run.proj_init=embedding_scale"))
+    m = scaled._unwrapped()
+    features = feature_sample(m, scaled.data.train, scaled.data.train_features)  # (16, T, D_img)
+    words = m.llm.get_input_embeddings().weight.norm(dim=-1).mean()
+    with torch.no_grad():
+        start = m.project(features).norm(dim=-1).mean()
+        factor = scaled.model.llama_proj.weight / default.model.llama_proj.weight  # same seed: one factor
+    torch.testing.assert_close(start, words, rtol=1e-4, atol=0)
+    assert torch.allclose(factor, factor.flatten()[0]) and float(factor.flatten()[0]) != 1.0
+    with pytest.raises(ValueError, match="run.proj_init must be default|embedding_scale"):
+        make_cfg(tiny_llm_dir, toy_data, tmp_path / "c", "run.proj_init=xavier")

@@ -70,6 +70,9 @@ class RunConfig:
     keep_last: int = 2  # step checkpoints kept besides the best
     resume: str = "never"  # never | auto | <checkpoint dir>
     init_from: str | None = None  # stage 2: stage-1 output dir / model dir / original .pth
+    # a fresh projection (no init_from): "default" = nn.Linear's init; "embedding_scale" = that init rescaled so
+    # image embeds start at the norm of the LLM's word embeddings (xraygpt/train/init.py says why)
+    proj_init: str = "default"
     stop_after: int | None = None  # stop (with a checkpoint) after this many steps in this invocation: time-sliced jobs
     feature_cache: bool = False  # precompute frozen-encoder outputs once (eval transform)
     feature_cache_dir: str | None = None  # default: $XRAYGPT_CACHE/features
@@ -83,6 +86,8 @@ class RunConfig:
             raise ValueError(f"run.device must be auto|cpu|cuda, got '{self.device}'")
         if self.batch_size < 1 or self.grad_accum < 1 or self.max_steps < 1:
             raise ValueError("run.batch_size, run.grad_accum and run.max_steps must be >= 1")
+        if self.proj_init not in ("default", "embedding_scale"):
+            raise ValueError(f"run.proj_init must be default|embedding_scale, got '{self.proj_init}'")
 
 
 @dataclass

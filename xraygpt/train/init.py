@@ -1,10 +1,14 @@
-"""Stage chaining: start a run's projection from an earlier stage (our output dir / model dir, or an original .pth)."""
+"""How a run's projection starts: from an earlier stage (our output dir / model dir, or an original .pth), or
+freshly initialised at the LLM's embedding scale."""
 
 from __future__ import annotations
 
 import json
 import logging
 from pathlib import Path
+
+import numpy as np
+import torch
 
 from xraygpt.model import CONFIG_NAME, WEIGHTS_NAME, XrayGPT
 from xraygpt.train import checkpoint as ckpt
@@ -57,3 +61,34 @@ def init_projection(model: XrayGPT, source: str | Path) -> Path:
     model.load_trainable(folder / WEIGHTS_NAME)
     log.info("projection initialised from %s", folder)
     return folder
+
+
+PROJ_INITS = ("default", "embedding_scale")
+
+
+@torch.no_grad()
+def scale_projection_to_embeddings(model: XrayGPT, features: torch.Tensor) -> float:
+    """Rescale a fresh projection so image embeds start with the norm of the LLM's token embeddings.
+
+    nn.Linear's default init maps encoder features (e.g. label logits of magnitude ~5) to embeds ~20x larger than
+    any word's: the frozen LLM then reads the image slot as out-of-distribution noise until the projection has
+    unlearnt that scale. `features` (N, T, D_img) is a sample of training features; returns the factor applied.
+    """
+    proj = model.llama_proj
+    words = model.llm.get_input_embeddings().weight.float().norm(dim=-1).mean()  # mean word-embedding norm
+    current = model.project(features).float().norm(dim=-1).mean()  # (N, T) -> mean image-embed norm
+    factor = float(words / current.clamp_min(1e-12))
+    proj.weight.mul_(factor)
+    if proj.bias is not None:
+        proj.bias.mul_(factor)
+    log.info("projection scaled by %.4f: image embeds start at the word-embedding norm %.3f", factor, float(words))
+    return factor
+
+
+def feature_sample(model: XrayGPT, dataset, cached: np.ndarray | None, n: int = 64) -> torch.Tensor:
+    """Encoder features (n, T, D_img) of the first n training samples: from the feature cache when there is one."""
+    n = min(n, len(dataset))
+    if cached is not None:
+        return torch.from_numpy(np.array(cached[:n], dtype=np.float32))  # a copy: the cache is a read-only memmap
+    pixels = torch.stack([dataset[i]["image"] for i in range(n)])
+    return model.get_image_features(pixels).float()

@@ -29,7 +29,7 @@ from xraygpt.train.batches import BatchPlan
 from xraygpt.train.collate import InstructionDataset, TrainCollator
 from xraygpt.train.config import TrainConfig
 from xraygpt.train.data import build_datasets
-from xraygpt.train.init import init_projection
+from xraygpt.train.init import feature_sample, init_projection, scale_projection_to_embeddings
 from xraygpt.train.metrics_log import MetricsLogger
 from xraygpt.train.optim import build_optimizer
 from xraygpt.train.schedule import build_scheduler
@@ -136,6 +136,9 @@ class Trainer:
             log.info("parameters: trainable %s, frozen %s", f"{counts['trainable']:,}", f"{counts['frozen']:,}")
 
         self.data = build_datasets(cfg, self.model, acc)
+        if cfg.run.proj_init == "embedding_scale" and not cfg.run.init_from:  # same sample, same factor: every process
+            scale_projection_to_embeddings(self.model, feature_sample(self.model, self.data.train,
+                                                                      self.data.train_features))
         self.plan = BatchPlan(len(self.data.train), cfg.run.batch_size, acc.num_processes, cfg.run.grad_accum,
                               cfg.run.seed)
         _ = self.plan.steps_per_epoch  # fail early if the dataset is smaller than one global batch

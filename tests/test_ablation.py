@@ -178,6 +178,15 @@ def test_tiny_ablation_end_to_end_then_rerun_reuses_everything(ablation_yaml, ca
     assert weights.stat().st_mtime_ns == mtime
     assert again["rows"] == saved["rows"] and again["control"] == saved["control"]
 
+    # a record that lists keys at their default (as older versions wrote it, or before a key existed) still matches
+    from xraygpt.ablation import STEP_RECORD
+    record_file = out / "rows" / "radllm" / "stage1" / STEP_RECORD
+    record = json.loads(record_file.read_text())
+    assert "run.proj_init" not in record["identity"]  # at its default: not part of the identity
+    record["identity"]["run.proj_init"] = "default"
+    record_file.write_text(json.dumps(record))
+    assert all(t["status"] == "reused" for t in run_ablation(load_ablation_config(ablation_yaml))["timings"]["steps"])
+
     # a finished step whose config changed is refused (named), not silently reused; on_changed=redo redoes it
     # and the steps made from it (the row's eval), and nothing else
     changed = ["rows.baseline.train_overrides=[run.seed=7]"]

@@ -445,11 +445,28 @@ def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: d}
 
 
+def _flat_config(cfg: Any) -> dict[str, Any]:
+    return _flat(json.loads(json.dumps(to_dict(cfg), default=str)))
+
+
+def _defaults(step: Step) -> dict[str, Any]:
+    """The flattened defaults of the step's config class (what a key means when a config does not set it)."""
+    try:
+        return _flat_config(type(step.resolved)())
+    except Exception:  # a config class without full defaults: compare every key
+        return {}
+
+
+def _without_defaults(flat: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """Keys at their default value dropped: a key added by a newer xraygpt (at its default) changes nothing."""
+    return {k: v for k, v in flat.items() if k not in defaults or defaults[k] != v}
+
+
 def _identity(step: Step) -> dict[str, Any]:
-    """The step's config minus keys that do not change its artefact, plus a digest of each input step's identity
-    (so a stage made from a changed stage 1 counts as changed too)."""
+    """The step's config minus keys that do not change its artefact and keys at their default, plus a digest of
+    each input step's identity (so a stage made from a changed stage 1 counts as changed too)."""
     ignore = KINDS[step.kind].ignore
-    flat = _flat(json.loads(json.dumps(to_dict(step.resolved), default=str)))
+    flat = _without_defaults(_flat_config(step.resolved), _defaults(step))
     out = {k: v for k, v in flat.items() if not any(k == i or k.startswith(i + ".") for i in ignore)}
     for dep in step.deps:
         text = json.dumps(_identity(dep), sort_keys=True)
@@ -468,7 +485,8 @@ def _changed(step: Step, record: dict[str, Any] | None) -> str | None:
     """Why the step's finished artefact does not match this config (None: it matches, or it has no record)."""
     if record is None:
         return None  # made outside the ablation (by hand, run_demo): trusted as it is
-    want, have = _identity(step), record.get("identity", {})
+    # records of older versions list keys at their default too; compare like with like
+    want, have = _identity(step), _without_defaults(record.get("identity", {}), _defaults(step))
     diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
     if not diff:
         return None

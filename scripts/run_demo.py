@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> None:
               ["scripts/train_encoder.py", "--cfg", str(demo / "stage0_encoder.yaml"), f"{o}/stage0"],
               out / "stage0", demo / "stage0_encoder.yaml")
     steps.run("4/6 stage 1", out / "stage1" / "final" / "xraygpt_config.json",
-              ["scripts/train.py", "--cfg", str(demo / "stage1.yaml"), f"{o}/stage1", f"model.encoder.checkpoint={enc}"],
+              ["scripts/train.py", "--cfg", str(demo / "stage1.yaml"), f"{o}/stage1",
+               f"model.encoder.checkpoint={enc}"],
               out / "stage1", demo / "stage1.yaml")
     steps.run("5/6 stage 2", out / "stage2" / "final" / "xraygpt_config.json",
               ["scripts/train.py", "--cfg", str(demo / "stage2.yaml"), f"{o}/stage2", f"model.encoder.checkpoint={enc}",

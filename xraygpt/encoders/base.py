@@ -114,7 +114,8 @@ class EncoderConfig:
         if self.arch is None:
             self.arch = {}
         if not isinstance(self.token_grid, int) or self.token_grid < 0:
-            raise ValueError(f"encoder.token_grid must be an integer >= 0 (0: the tower's own grid), got {self.token_grid!r}")
+            raise ValueError(
+                f"encoder.token_grid must be an integer >= 0 (0: the tower's own grid), got {self.token_grid!r}")
         if self.token_grid and self.feature == "pooled":
             raise ValueError("encoder.token_grid pools patch tokens; feature=pooled has one token. Set token_grid=0.")
 

@@ -453,7 +453,7 @@ def _defaults(step: Step) -> dict[str, Any]:
     """The flattened defaults of the step's config class (what a key means when a config does not set it)."""
     try:
         return _flat_config(type(step.resolved)())
-    except Exception:  # a config class without full defaults: compare every key
+    except (TypeError, ValueError):  # a config class without full defaults, or whose defaults do not validate
         return {}
 
 

@@ -102,7 +102,7 @@ class EncoderConfig:
     feature: str = "patch"
     layer: int = -1  # hf_clip only: hidden-state index (-1 last, -2 penultimate as in LLaVA)
     # 0: every token of the tower's patch grid; g > 0: average-pool the square grid to g x g tokens, which
-    # shortens every LLM sequence by (side^2 - g^2) tokens (the ablation: 8x8 label logits -> 4x4)
+    # shortens every LLM sequence by (side^2 - g^2) tokens (the embedded ablation: 8x8 label logits -> 1 token)
     token_grid: int = 0
     # Architecture overrides: open_clip -> merged into vision_cfg; medclip vit -> SwinConfig kwargs
     # (default: inferred from the checkpoint, else swin-tiny); hf_clip -> CLIPVisionConfig kwargs.

@@ -55,14 +55,17 @@ class CxrCNN(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
+def _own_kwargs(name: str, pretrained: bool, kwargs: dict) -> dict:
+    """The kwargs a project trunk takes: refuses pretrained weights, drops timm's pretrained-config keys."""
+    if pretrained:
+        raise ValueError(f"{name} has no pretrained weights; stage 0 trains it (scripts/train_encoder.py)")
+    return {k: v for k, v in kwargs.items() if k not in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")}
+
+
 @register_model
 def cxr_vgg_tiny(pretrained: bool = False, **kwargs) -> CxrCNN:
     """4 stages, widths 16-32-64-128: 128 px films -> an 8x8 grid of 128 channels (~100k parameters)."""
-    if pretrained:
-        raise ValueError("cxr_vgg_tiny has no pretrained weights; stage 0 trains it (scripts/train_encoder.py)")
-    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
-        kwargs.pop(key, None)
-    return CxrCNN(**kwargs)
+    return CxrCNN(**_own_kwargs("cxr_vgg_tiny", pretrained, kwargs))
 
 
 @register_model
@@ -75,10 +78,7 @@ def cxr_vgg_vit_tiny(pretrained: bool = False, **kwargs) -> nn.Module:
     from timm.layers import HybridEmbed
     from timm.models.vision_transformer import VisionTransformer
 
-    if pretrained:
-        raise ValueError("cxr_vgg_vit_tiny has no pretrained weights; stage 0 trains it (scripts/train_encoder.py)")
-    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
-        kwargs.pop(key, None)
+    kwargs = _own_kwargs("cxr_vgg_vit_tiny", pretrained, kwargs)
     stem = CxrCNN(widths=(16, 32, 64), in_chans=kwargs.get("in_chans", 3)).features  # (B, 64, S/8, S/8)
     # fc_norm=False: the final LayerNorm acts per token before the average pool (as open_clip's ln_post), so the
     # patch tokens later stages read are normalised and their mean is exactly what the pool embeds

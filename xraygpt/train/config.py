@@ -54,6 +54,9 @@ class OptimConfig:
             raise ValueError("optim: warmup_steps >= 0, init_lr > 0 and min_lr >= 0 are required")
 
 
+PROJ_INITS = ("default", "embedding_scale")  # how a fresh projection starts (xraygpt/train/init.py)
+
+
 @dataclass
 class RunConfig:
     output_dir: str = "outputs/run"
@@ -86,7 +89,7 @@ class RunConfig:
             raise ValueError(f"run.device must be auto|cpu|cuda, got '{self.device}'")
         if self.batch_size < 1 or self.grad_accum < 1 or self.max_steps < 1:
             raise ValueError("run.batch_size, run.grad_accum and run.max_steps must be >= 1")
-        if self.proj_init not in ("default", "embedding_scale"):
+        if self.proj_init not in PROJ_INITS:
             raise ValueError(f"run.proj_init must be default|embedding_scale, got '{self.proj_init}'")
 
 

@@ -63,9 +63,6 @@ def init_projection(model: XrayGPT, source: str | Path) -> Path:
     return folder
 
 
-PROJ_INITS = ("default", "embedding_scale")
-
-
 @torch.no_grad()
 def scale_projection_to_embeddings(model: XrayGPT, features: torch.Tensor) -> float:
     """Rescale a fresh projection so image embeds start with the norm of the LLM's token embeddings.

@@ -21,11 +21,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-from openai_server import FakeOpenAIServer
+from openai_server import FakeOpenAIServer  # noqa: E402
 
-from data_prep.cleaners import LLMCleaner
-from xraygpt.data.reports import Report
-from xraygpt.openai_client import ChatEndpointConfig
+from data_prep.cleaners import LLMCleaner  # noqa: E402
+from xraygpt.data.reports import Report  # noqa: E402
+from xraygpt.openai_client import ChatEndpointConfig  # noqa: E402
 
 
 def reports(n: int) -> list[Report]:

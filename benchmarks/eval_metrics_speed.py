@@ -56,7 +56,8 @@ def labeler_vs_mesh() -> dict:
     ours = labels == 1
     out = {"reports": len(keep), "label_seconds": round(seconds, 3), "per_class": {}}
     for j, c in enumerate(CLASSES):
-        tp, fp, fn = int((ours[:, j] & mesh[:, j]).sum()), int((ours[:, j] & ~mesh[:, j]).sum()), int((~ours[:, j] & mesh[:, j]).sum())
+        a, b = ours[:, j], mesh[:, j]
+        tp, fp, fn = int((a & b).sum()), int((a & ~b).sum()), int((~a & b).sum())
         f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else float("nan")
         out["per_class"][c] = {"mesh_positive": int(mesh[:, j].sum()), "labeler_positive": int(ours[:, j].sum()),
                                "agreement": round(float((ours[:, j] == mesh[:, j]).mean()), 4), "f1": round(f1, 4)}
@@ -87,7 +88,8 @@ def main() -> None:
         rep = compare([pa, pb], names=["a", "b"], bootstrap=args.bootstrap)
         result["compare_two_files_with_paired_test_s"] = round(time.perf_counter() - t0, 3)
         result["values_run_a"] = {k: round(v["value"], 4) for k, v in single["metrics"].items() if "[" not in k}
-        result["paired_p_values"] = {k: round(v["p_value"], 4) for k, v in rep["paired"][0]["metrics"].items() if "[" not in k}
+        paired = rep["paired"][0]["metrics"]
+        result["paired_p_values"] = {k: round(v["p_value"], 4) for k, v in paired.items() if "[" not in k}
     result["labeler_vs_iu_mesh"] = labeler_vs_mesh()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

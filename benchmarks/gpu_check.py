@@ -1,6 +1,7 @@
 """GPU check (run by hand on a CUDA/ROCm machine): the recipe in bf16 on a SmolLM2-shaped LLaMA, and batched generation.
 
-    python benchmarks/gpu_check.py --tokenizer <folder with the SmolLM2 tokenizer> --out benchmarks/results/gpu_check.json
+    python benchmarks/gpu_check.py --tokenizer <folder with the SmolLM2 tokenizer> \\
+        --out benchmarks/results/gpu_check.json
 
 Uses a randomly initialised LLaMA of SmolLM2-135M's exact shape (hidden 576, 30 layers) so that the check needs no
 weights; timings are those of the real architecture. Verifies: training runs with run.device=cuda and
@@ -67,7 +68,8 @@ def main() -> None:
         t0 = time.perf_counter()
         summary = train(load_config(TrainConfig, None, overrides))
         losses = [json.loads(line)["loss"] for line in (tmp / f"run{cache}" / "metrics.jsonl").read_text().splitlines()]
-        results[f"train_cache_{cache}"] = {"samples_per_s": summary["samples_per_s"], "wall_s": time.perf_counter() - t0,
+        results[f"train_cache_{cache}"] = {"samples_per_s": summary["samples_per_s"],
+                                           "wall_s": time.perf_counter() - t0,
                                            "first_loss": losses[0], "last_loss": losses[-1],
                                            "peak_gpu_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
     from xraygpt.model import GenerationConfig, XrayGPT

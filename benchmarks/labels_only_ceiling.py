@@ -1,6 +1,6 @@
 """How much ROUGE-L can knowing a film's findings buy? A ceiling for the ablation's R-L target (issue 8).
 
-    python benchmarks/labels_only_ceiling.py [--limit 200] [--max-tokens 64] \
+    python benchmarks/labels_only_ceiling.py [--limit 200] [--max-tokens 64] \\
         [--out benchmarks/results/labels_only_ceiling.json]
 
 The writer knows only a key of the test film and answers with the medoid train summary of the films that share

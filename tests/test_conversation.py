@@ -12,7 +12,8 @@ from xraygpt.conversation import (
 
 def test_default_template_matches_original_code():
     t = get_template("xraygpt")
-    assert t.prompt("<Img><ImageHere></Img> Describe it.") == "###Patient: <Img><ImageHere></Img> Describe it. ###Doctor: "
+    prompt = t.prompt("<Img><ImageHere></Img> Describe it.")
+    assert prompt == "###Patient: <Img><ImageHere></Img> Describe it. ###Doctor: "
     assert t.answer("Heart is normal.") == "Heart is normal.###"
 
 

@@ -81,6 +81,7 @@ def test_checkpoint_for_another_llm_width_names_both(toy_data, tmp_path, tiny_ll
 
     torch.save({"model": {"llama_proj.weight": torch.zeros(4096, 256), "llama_proj.bias": torch.zeros(4096)}},
                tmp_path / "x.pth")
-    c = cfg(tmp_path / "x.pth", toy_data, tmp_path / "o", model=ModelConfig(llm=LLMConfig(name_or_path=str(tiny_llm_dir))))
+    model_cfg = ModelConfig(llm=LLMConfig(name_or_path=str(tiny_llm_dir)))
+    c = cfg(tmp_path / "x.pth", toy_data, tmp_path / "o", model=model_cfg)
     with pytest.raises(ValueError, match=r"\(4096, 256\) but this model expects \(64, 256\)"):
         generate_predictions(c)

@@ -124,14 +124,16 @@ def test_rouge_matches_rouge_score_default_tokenizer():
 def test_python_tokenizer_follows_coco_rules():
     text = "Heart size is normal (upper limits). No pneumothorax; can't exclude CT. 1.5 cm nodule, patient's x-ray."
     assert python_tokenize(text) == (
-        "heart size is normal -lrb- upper limits -rrb- no pneumothorax ca n't exclude ct. 1.5 cm nodule patient 's x-ray"
+        "heart size is normal -lrb- upper limits -rrb- no pneumothorax ca n't exclude ct. "
+        "1.5 cm nodule patient 's x-ray"
     )
 
 
 @needs_java
 def test_python_tokenizer_equals_ptb_on_report_text():
-    texts = REFS + PREDS + ["Status post CABG; sternotomy wires are intact (unchanged).", "Cannot exclude a T12 fracture.",
-                            "Right-sided PICC line, tip at the cavoatrial junction!", "XXXX-year-old: 2.5 x 3 cm mass?"]
+    texts = REFS + PREDS + ["Status post CABG; sternotomy wires are intact (unchanged).",
+                            "Cannot exclude a T12 fracture.", "Right-sided PICC line, tip at the cavoatrial junction!",
+                            "XXXX-year-old: 2.5 x 3 cm mass?"]
     assert [python_tokenize(t) for t in texts] == ptb_tokenize(texts)
 
 
@@ -144,7 +146,8 @@ def test_bleu_on_fixed_strings():
     # 7/7, 5/5, 3/3, 1/1), so BLEU-n = brevity penalty = exp(1 - 9/7) for every n.
     ours = bleu_from_stats(bleu_stats(refs, hyps).sum(axis=0))[0]
     assert ours == pytest.approx([math.exp(-2 / 7)] * 4, abs=1e-9)
-    coco, _ = Bleu(4).compute_score({k: [r] for k, r in enumerate(refs)}, {k: [h] for k, h in enumerate(hyps)}, verbose=0)
+    coco, _ = Bleu(4).compute_score({k: [r] for k, r in enumerate(refs)}, {k: [h] for k, h in enumerate(hyps)},
+                                    verbose=0)
     assert ours == pytest.approx(coco, abs=1e-12)
     # One sentence with no 4-gram: pycocoevalcap's smoothing gives (1e-15 / 1e-9) ** (1/4) = 10 ** -1.5 times BP.
     b = bleu_from_stats(bleu_stats(refs[:1], hyps[:1]))[0]
@@ -423,7 +426,8 @@ def test_cli_writes_the_three_tables(iu_runs, tmp_path, capsys):
     import importlib.util
     from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("eval_tables", Path(__file__).parents[1] / "scripts" / "eval_tables.py")
+    script = Path(__file__).parents[1] / "scripts" / "eval_tables.py"
+    spec = importlib.util.spec_from_file_location("eval_tables", script)
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
     cli.main([str(iu_runs[1]), "--out", str(tmp_path), "--bootstrap", "20", "--metrics", "rouge", "clinical"])

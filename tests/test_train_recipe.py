@@ -47,7 +47,7 @@ def make_cfg(tiny_llm_dir, toy_data, out, *overrides):
 
 
 def losses(out: Path) -> list[float]:
-    recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in recs if "loss" in r]
 
 
@@ -140,7 +140,8 @@ def test_stage2_init_from_stage1_and_mismatch_refused(tiny_llm_dir, toy_data, tm
     make_tiny_llm(len(tokenizer), seed=1).save_pretrained(other)
     tokenizer.save_pretrained(other)
     bad = make_cfg(other, toy_data, tmp_path / "s2b", f"run.init_from={tmp_path / 's1'}", "run.max_steps=1")
-    with pytest.raises(ValueError, match=r"trained with encoder open_clip:xray-vit-tiny and LLM .*tiny_llm.*this run uses"):
+    with pytest.raises(ValueError,
+                       match=r"trained with encoder open_clip:xray-vit-tiny and LLM .*tiny_llm.*this run uses"):
         train(bad)
 
 

@@ -112,8 +112,8 @@ def infer_swin_config(state: dict[str, torch.Tensor]) -> dict:
                      if k.startswith(f"encoder.layers.{i}.blocks.0.") and k.endswith("relative_position_bias_table"))
         heads.append(int(table.shape[1]))
         window = (math.isqrt(table.shape[0]) + 1) // 2  # table has (2w-1)^2 rows
-    fc1 = next(v for k, v in state.items()
-               if k.startswith("encoder.layers.0.blocks.0.") and re.search(r"(mlp\.fc1|intermediate\.dense)\.weight$", k))
+    fc1_name = re.compile(r"encoder\.layers\.0\.blocks\.0\..*(mlp\.fc1|intermediate\.dense)\.weight$")
+    fc1 = next(v for k, v in state.items() if fc1_name.match(k))
     qkv_bias = any(re.search(r"layers\.0\.blocks\.0\.attention\.(q_proj|self\.query)\.bias$", k) for k in state)
     return {"embed_dim": int(embed_dim), "num_channels": int(num_channels), "patch_size": int(patch_size),
             "depths": depths, "num_heads": heads, "window_size": window,

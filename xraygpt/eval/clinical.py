@@ -134,7 +134,8 @@ class CheXbertLabeler:
             config = BertConfig.from_pretrained(str(bert_dir), local_files_only=True)
             self.tokenizer = BertTokenizer.from_pretrained(str(bert_dir), local_files_only=True)
         except (OSError, ValueError) as e:
-            raise CheXbertWeightsMissing(f"BERT config/vocabulary not found at {bert_dir!r}: {e}. {_chexbert_hint()}") from e
+            raise CheXbertWeightsMissing(
+                f"BERT config/vocabulary not found at {bert_dir!r}: {e}. {_chexbert_hint()}") from e
 
         class _CheXbert(nn.Module):
             def __init__(self) -> None:
@@ -156,7 +157,8 @@ class CheXbertLabeler:
         state.pop("bert.embeddings.position_ids", None)
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         if missing or unexpected:
-            raise ValueError(f"{weights}: not a CheXbert checkpoint (missing {missing[:5]}, unexpected {unexpected[:5]})")
+            raise ValueError(
+                f"{weights}: not a CheXbert checkpoint (missing {missing[:5]}, unexpected {unexpected[:5]})")
         self.model.eval().to(device)
         self.device, self.batch_size = device, batch_size
 

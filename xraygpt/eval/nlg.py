@@ -68,7 +68,8 @@ def pycocoevalcap_dir() -> Path:
 def _jar(relative: str) -> Path:
     path = pycocoevalcap_dir() / relative
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: reinstall pycocoevalcap (pip install --force-reinstall pycocoevalcap)")
+        raise FileNotFoundError(
+            f"{path} is missing: reinstall pycocoevalcap (pip install --force-reinstall pycocoevalcap)")
     return path
 
 

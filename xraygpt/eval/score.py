@@ -148,8 +148,9 @@ def score_predictions(path: str | os.PathLike | Predictions, metrics: Sequence[s
     {"value", "ci_low", "ci_high"}}, "label_counts", "timing_s"}.
 
     metrics: any of "rouge", "nlg" (= "bleu", "meteor", "cider"), "bleu", "meteor", "cider", "clinical".
-    Metric names: rouge1 rouge2 rougeL rougeL_coco bleu1..bleu4 meteor cider ce_{micro,macro}_{precision,recall,f1}_{14,5}
-    and per class ce_{precision,recall,f1}[<class>]. METEOR needs Java (``nlg.JavaNotFoundError`` says what to install).
+    Metric names: rouge1 rouge2 rougeL rougeL_coco bleu1..bleu4 meteor cider
+    ce_{micro,macro}_{precision,recall,f1}_{14,5} and per class ce_{precision,recall,f1}[<class>].
+    METEOR needs Java (``nlg.JavaNotFoundError`` says what to install).
     """
     t = time.perf_counter()
     preds = path if isinstance(path, Predictions) else read_predictions(path)

@@ -275,7 +275,8 @@ class Trainer:
             self.logger.step(self.state.step, loss=loss, lr=lr, samples_per_s=samples_done / max(elapsed, 1e-9),
                              total=end)
             is_last = self.state.step == end
-            if self.data.val is not None and (is_last or (cfg.run.eval_every and self.state.step % cfg.run.eval_every == 0)):
+            due = bool(cfg.run.eval_every) and self.state.step % cfg.run.eval_every == 0
+            if self.data.val is not None and (is_last or due):
                 last_val = self.evaluate()
                 self.logger.validation(self.state.step, last_val)
                 if self.state.best_val_loss is None or last_val < self.state.best_val_loss:
@@ -284,10 +285,11 @@ class Trainer:
             if is_last or self.state.step == stop or (cfg.run.save_every and self.state.step % cfg.run.save_every == 0):
                 self.save_checkpoint()
         final = self.save_model("final") if self.state.step == end else None
-        summary = {"steps": self.state.step, "final_dir": str(final) if final else None, "best_val_loss": self.state.best_val_loss,
-                   "best_step": self.state.best_step, "last_val_loss": last_val,
-                   "train_seconds": time.perf_counter() - t0, "samples_per_s": samples_done / max(time.perf_counter() - t0, 1e-9),
-                   "params": self.param_counts}
+        seconds = time.perf_counter() - t0
+        summary = {"steps": self.state.step, "final_dir": str(final) if final else None,
+                   "best_val_loss": self.state.best_val_loss, "best_step": self.state.best_step,
+                   "last_val_loss": last_val, "train_seconds": seconds,
+                   "samples_per_s": samples_done / max(seconds, 1e-9), "params": self.param_counts}
         if self.is_main:
             atomic_write_text(self.output_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         self.logger.close(summary)

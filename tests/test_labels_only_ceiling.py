@@ -26,5 +26,8 @@ def test_medoid_has_the_highest_mean_rouge_l_against_the_others(monkeypatch):
     assert SUMMARIES[best] != "Large right effusion."
     # judged as written (cut): when the cut leaves only that summary any words, it is the medoid
     assert ceiling.medoid(SUMMARIES, lambda t: t if t.startswith("Large") else "", "k") == "Large right effusion."
+    # copies count: one summary written four times is the typical one, although alone it is the farthest
+    assert min(mean_rl) == mean_rl[SUMMARIES.index("Large right effusion.")]
+    assert ceiling.medoid(SUMMARIES + ["Large right effusion."] * 3, lambda t: t, "k") == "Large right effusion."
     monkeypatch.setattr(ceiling, "POOL", 3)  # sampled search: seeded by the key, so the same answer twice
     assert ceiling.medoid(SUMMARIES, lambda t: t, "k") == ceiling.medoid(list(reversed(SUMMARIES)), lambda t: t, "k")

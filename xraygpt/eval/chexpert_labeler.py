@@ -259,13 +259,15 @@ CUES: tuple[tuple[str, str, str], ...] = (
     ("none", "none", r"without\s+(?:significant\s+|interval\s+)?(?:change|increase|decrease|worsening)"),
     ("unc", "post", _NOT_EXCLUDED),
     ("unc", "pre+post", (r"(?:is|are|was|were|seems?|appears?)\s+(?:most\s+|more\s+|less\s+)?"
-                    r"(?:likely|possible|probable|suspected|questioned|questionable|uncertain|unlikely|a\s+consideration|considered|not\s+excluded)")),
+                    r"(?:likely|possible|probable|suspected|questioned|questionable|uncertain|unlikely|"
+                    r"a\s+consideration|considered|not\s+excluded)")),
     ("unc", "post", r"(?:may|might|could)\s+(?:also\s+)?be\s+(?:present|seen|noted|developing|superimposed|there)"),
     ("unc", "pre", (r"(?:can\s*not|can't|cannot|could\s+not|not|difficult\s+to)\s+(?:entirely\s+|completely\s+)?"
                    r"(?:exclude|rule\s+out)")),
     ("unc", "pre", r"(?:most\s+|more\s+|less\s+)?likely|unlikely|possibl[ey]|probabl[ey]|perhaps|presum\w+"),
     ("unc", "pre", (r"may|might|could|suggest(?:s|ing|ive\s+of|ion\s+of)?|suspicious\s+(?:for|of)"
-                   r"|suspicion\s+(?:for|of)|suspect(?:ed)?|question(?:able|\s+of)?|concern(?:ing)?\s+for|worrisome(?:\s+for)?"
+                   r"|suspicion\s+(?:for|of)|suspect(?:ed)?|question(?:able|\s+of)?|concern(?:ing)?\s+for"
+                   r"|worrisome(?:\s+for)?"
                    r"|equivocal|indeterminate|uncertain|unclear|rule\s+out|r/o|(?:evaluate|assess|eval)\s+for"
                    r"|differential(?:\s+diagnosis)?|consider(?:ed|ation)?")),
     ("unc", "both", r"versus|vs"),

@@ -90,7 +90,7 @@ class RunConfig:
         if self.batch_size < 1 or self.grad_accum < 1 or self.max_steps < 1:
             raise ValueError("run.batch_size, run.grad_accum and run.max_steps must be >= 1")
         if self.proj_init not in PROJ_INITS:
-            raise ValueError(f"run.proj_init must be default|embedding_scale, got '{self.proj_init}'")
+            raise ValueError(f"run.proj_init must be {'|'.join(PROJ_INITS)}, got '{self.proj_init}'")
 
 
 @dataclass

@@ -173,5 +173,5 @@ def test_proj_init_embedding_scale_starts_image_embeds_at_the_word_norm(tiny_llm
         factor = scaled.model.llama_proj.weight / default.model.llama_proj.weight  # same seed: one factor
     torch.testing.assert_close(start, words, rtol=1e-4, atol=0)
     assert torch.allclose(factor, factor.flatten()[0]) and float(factor.flatten()[0]) != 1.0
-    with pytest.raises(ValueError, match="run.proj_init must be default|embedding_scale"):
+    with pytest.raises(ValueError, match=r"run\.proj_init must be default\|embedding_scale, got"):
         make_cfg(tiny_llm_dir, toy_data, tmp_path / "c", "run.proj_init=xavier")

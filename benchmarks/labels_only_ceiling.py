@@ -7,10 +7,17 @@ The writer knows only a key of the test film and answers with the medoid train s
 that key: the one with the highest mean ROUGE-L against the others (a seeded sample of 100 candidates and peers in
 larger groups). An unseen key backs off to the film's CheXpert set, then to the "No Finding" answer. Keys, from
 coarse to fine: the CheXpert-14 label set (what the ablation's image token carries), the set with each finding's
-side, the MeSH terms, the raw MeSH tags. Scored as the ablation scores a row: ROUGE-L F1 on the first `limit`
-test films, each film's own key vs the key of the film the shuffled-image control gives it (the eval's
-derangement), answers cut at `max_tokens` tokens of SmolLM2's tokenizer (the eval's max_new_tokens). The gap has a
-paired 95% bootstrap interval. Writes numbers only: the IU reports are CC BY-NC-ND.
+side, the MeSH terms, the raw MeSH tags. One more writer builds its answer instead of picking it:
+the "No Finding" answer with one plain sentence per abnormal MeSH tag put after its second sentence ("There is
+calcified granuloma in the right upper lobe."), the shape of report that R-L rewards when a film has a finding.
+Scored as the ablation scores a row: ROUGE-L F1 on the first `limit` test films, each film's own key vs the key of
+the film the shuffled-image control gives it (the eval's derangement), answers cut at `max_tokens` tokens of
+SmolLM2's tokenizer (the eval's max_new_tokens). The gap has a paired 95% bootstrap interval.
+
+With `--row-eval DIR` (an ablation row's eval folder, e.g. outputs/ablation/embedded/rows/radllm/eval) it also
+splits that row's own R-L by the film's label (normal / abnormal) and sets it beside the "No Finding" answer
+written for every film: where a row's report for an abnormal film scores below that one normal answer, the text the
+row writes for findings costs R-L. Writes numbers only: the IU reports are CC BY-NC-ND.
 """
 
 from __future__ import annotations
@@ -27,9 +34,10 @@ from pathlib import Path
 import numpy as np
 
 from xraygpt.data.embedded import build_embedded_dataset
-from xraygpt.data.mesh import parse_tag
+from xraygpt.data.mesh import MeshFinding, parse_tag
 from xraygpt.eval.generate import EvalConfig, derangement
 from xraygpt.eval.rouge import rouge_per_sample
+from xraygpt.llm_finetune.radiology_conversations import sentences
 
 POOL = 100
 
@@ -54,11 +62,51 @@ def medoid(summaries: Sequence[str], cut: Callable[[str], str], key: str) -> str
     return max(cands, key=score)
 
 
+def tag_sentence(f: MeshFinding) -> str | None:
+    """One plain sentence naming an abnormal finding, e.g. "There is calcified granuloma in the right upper lobe."
+    None for a normal or unindexed tag."""
+    if f.status in ("normal", "no_indexing"):
+        return None
+    what = " ".join([*f.descriptors, f.term])
+    where = " ".join(x for x in (f.laterality, *f.zones) if x)
+    return f"There is {what} in the {where}." if where else f"There is {what}."
+
+
+def with_findings(normal: str, tags: Sequence[str]) -> str:
+    """The normal answer with a sentence per abnormal tag after its second sentence (unchanged without any)."""
+    found = [s for s in map(tag_sentence, map(parse_tag, tags)) if s]
+    head = sentences(normal)
+    return " ".join([*head[:2], *found, *head[2:]])
+
+
+def row_split(eval_dir: Path, images: dict, normal: str) -> dict:
+    """A row's R-L on normal and abnormal films, matched and shuffled, beside the normal answer for every film."""
+    read = lambda p: [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]  # noqa: E731
+    own, ctrl = read(eval_dir / "predictions.jsonl"), read(eval_dir / "control" / "predictions.jsonl")
+    if [r["image_id"] for r in own] != [r["image_id"] for r in ctrl]:
+        raise ValueError(f"{eval_dir}: predictions and control/predictions list different films")
+    refs = [r["reference"] for r in own]
+    matched = rouge_per_sample(refs, [r["prediction"] for r in own])["rougeL"]
+    shuffled = rouge_per_sample(refs, [r["prediction"] for r in ctrl])["rougeL"]
+    template = rouge_per_sample(refs, [normal] * len(refs))["rougeL"]
+    kind = np.array(["unlabelled" if not images[r["image_id"]]["labelled"] else
+                     "normal" if images[r["image_id"]]["labels"][0] else "abnormal" for r in own])
+    out = {}
+    for k in ("normal", "abnormal", "unlabelled", "all"):
+        m = kind == k if k != "all" else np.ones(len(kind), bool)
+        if m.any():
+            out[k] = {"films": int(m.sum()), "rougeL_matched": round(float(matched[m].mean()), 4),
+                      "rougeL_shuffled": round(float(shuffled[m].mean()), 4),
+                      "rougeL_normal_answer": round(float(template[m].mean()), 4)}
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--limit", type=int, default=200, help="first N test films (the ablation uses 200)")
     parser.add_argument("--max-tokens", type=int, default=64, help="cut answers here (the eval's max_new_tokens)")
     parser.add_argument("--resamples", type=int, default=1000)
+    parser.add_argument("--row-eval", default=None, help="an ablation row's eval folder to split by normal/abnormal")
     parser.add_argument("--out", default="benchmarks/results/labels_only_ceiling.json")
     args = parser.parse_args(argv)
     from transformers import AutoTokenizer
@@ -108,23 +156,37 @@ def main(argv: list[str] | None = None) -> dict:
     perm = derangement(len(test), EvalConfig().seed)
     rng = np.random.default_rng(0)
     boot = rng.integers(0, len(test), size=(args.resamples, len(test)))
-    rows = {}
-    for name, key_of in writers.items():
-        answers, n_groups = (fallback, n_fallback) if key_of is chexpert else writer(key_of)
-        own = [answers.get(key_of(i)) or fallback.get(chexpert(i)) or normal for i in ids]
+
+    def score_row(name: str, own: list[str], n_groups: int | None) -> dict:
         matched = rouge_per_sample(refs, own)["rougeL"]
         shuffled = rouge_per_sample(refs, [own[j] for j in perm])["rougeL"]
         diff = matched - shuffled
         lo, hi = np.percentile(diff[boot].mean(1), [2.5, 97.5])
-        rows[name] = {"groups": n_groups, "test_keys_seen": sum(key_of(i) in answers for i in ids),
-                      "rougeL_matched": round(float(matched.mean()), 4),
-                      "rougeL_shuffled": round(float(shuffled.mean()), 4),
-                      "gap": round(float(diff.mean()), 4), "gap_ci95": [round(float(lo), 4), round(float(hi), 4)]}
-        print(f"{name:26s} {n_groups:5d} groups  R-L {matched.mean():.3f} vs {shuffled.mean():.3f}  "
+        print(f"{name:34s} {n_groups or '':>5} groups  R-L {matched.mean():.3f} vs {shuffled.mean():.3f}  "
               f"gap {diff.mean():+.3f} [{lo:+.3f}, {hi:+.3f}]", flush=True)
+        return {"rougeL_matched": round(float(matched.mean()), 4), "rougeL_shuffled": round(float(shuffled.mean()), 4),
+                "gap": round(float(diff.mean()), 4), "gap_ci95": [round(float(lo), 4), round(float(hi), 4)]}
+
+    rows = {}
+    for name, key_of in writers.items():
+        answers, n_groups = (fallback, n_fallback) if key_of is chexpert else writer(key_of)
+        own = [answers.get(key_of(i)) or fallback.get(chexpert(i)) or normal for i in ids]
+        rows[name] = {"groups": n_groups, "test_keys_seen": sum(key_of(i) in answers for i in ids),
+                      **score_row(name, own, n_groups)}
+    built = [cut(with_findings(normal, images[i]["tags"])) for i in ids]
+    rows["normal_answer_with_tag_sentences"] = score_row("normal_answer_with_tag_sentences", built, None)
+    normal_everywhere = rouge_per_sample(refs, [normal] * len(refs))["rougeL"]
     result = {"benchmark": "labels_only_ceiling", "test_films": len(test), "max_tokens": args.max_tokens,
-              "train_summaries": len(train), "rows": rows, "seconds": round(time.time() - start, 1),
+              "train_summaries": len(train), "rows": rows,
+              "normal_answer_for_every_film_rougeL": round(float(normal_everywhere.mean()), 4),
+ "seconds": round(time.time() - start, 1),
               "machine": {"python": platform.python_version(), "processor": platform.processor() or platform.machine()}}
+    if args.row_eval:
+        result["row_split"] = {"eval_dir": args.row_eval, **row_split(Path(args.row_eval), images, normal)}
+        for k, v in result["row_split"].items():
+            if isinstance(v, dict):
+                print(f"row, {k:10s} {v['films']:4d} films  R-L {v['rougeL_matched']:.3f} vs {v['rougeL_shuffled']:.3f}"
+                      f"  (the normal answer: {v['rougeL_normal_answer']:.3f})", flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")

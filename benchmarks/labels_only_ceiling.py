@@ -81,7 +81,9 @@ def with_findings(normal: str, tags: Sequence[str]) -> str:
 
 def row_split(eval_dir: Path, images: dict, normal: str) -> dict:
     """A row's R-L on normal and abnormal films, matched and shuffled, beside the normal answer for every film."""
-    read = lambda p: [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]  # noqa: E731
+    def read(path: Path) -> list[dict]:
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
     own, ctrl = read(eval_dir / "predictions.jsonl"), read(eval_dir / "control" / "predictions.jsonl")
     if [r["image_id"] for r in own] != [r["image_id"] for r in ctrl]:
         raise ValueError(f"{eval_dir}: predictions and control/predictions list different films")

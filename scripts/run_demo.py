@@ -8,15 +8,16 @@
 4. stage 1: align the projection (SmolLM2-135M, frozen)                           configs/demo/stage1.yaml
 5. stage 2: continue from stage 1                                                 configs/demo/stage2.yaml
 6. evaluate on the test split against the shuffled-image control                  configs/demo/eval.yaml
-Each step is skipped when its output already exists, so a rerun only does what is missing; a step whose config
-changed since it ran (and every step after it) is redone.
+Each step is skipped when its output already exists, so a rerun only does what is missing. Steps 3-6 share the
+ablation's bookkeeping (xraygpt/ablation.py): each records its resolved config and the runs it was made from, and a
+step whose config changed since it ran, or whose input step was made again, is redone with every step after it.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
+import os
 import resource
 import shutil
 import subprocess
@@ -25,58 +26,43 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run from a checkout without an install too
+
+from xraygpt.ablation import Step, build_step, override_value, run_step  # noqa: E402
+
+DEMO = REPO / "configs" / "demo"
 
 
-STAMP = ".demo_step.json"  # in a step's output folder: the command and config text it ran with
+def plan_demo(out: Path) -> list[tuple[str, Step]]:
+    """Steps 3-6 (stage 0, stage 1, stage 2, evaluation) writing under `out`, each with the steps it is made from."""
+    def at(key: str, path: Path) -> str:
+        return f"{key}={override_value(path)}"
+
+    enc = at("model.encoder.checkpoint", out / "stage0" / "encoder.safetensors")
+    s0 = build_step("stage0", "stage0", "demo", str(DEMO / "stage0_encoder.yaml"),
+                    [at("run.output_dir", out / "stage0")], out / "stage0")
+    s1 = build_step("stage1", "train", "demo", str(DEMO / "stage1.yaml"),
+                    [at("run.output_dir", out / "stage1"), enc], out / "stage1")
+    s2 = build_step("stage2", "train", "demo", str(DEMO / "stage2.yaml"),
+                    [at("run.output_dir", out / "stage2"), enc, at("run.init_from", out / "stage1")], out / "stage2")
+    ev = build_step("eval", "eval", "demo", str(DEMO / "eval.yaml"),
+                    [at("ckpt", out / "stage2"), at("output_dir", out / "eval")], out / "eval")
+    s1.deps, s2.deps, ev.deps = [s0], [s0, s1], [s2]
+    return [("3/6 stage 0 encoder", s0), ("4/6 stage 1", s1), ("5/6 stage 2", s2), ("6/6 evaluation", ev)]
 
 
-class Steps:
-    """Runs the demo's steps in order, each in its own process, skipping what is done.
-
-    A training/eval step records what it ran (command + its YAML's text) in its folder. When that changed since
-    (an edited config), or when an earlier step ran again in this invocation, the step's folder is removed and the
-    step redone, so the table never comes from stale models.
-    """
-
-    def __init__(self) -> None:
-        self.timings: dict[str, float] = {}
-        self.upstream_ran = False
-
-    def run(self, title: str, done: Path, cmd: list[str], folder: Path | None = None,
-            config: Path | None = None) -> None:
-        print(f"\n=== {title}", flush=True)
-        stamp = _stamp(cmd, config)
-        if done.exists():
-            why = self._stale(folder, stamp)
-            if why is None:
-                print(f"    already done ({done}); skipping", flush=True)
-                self.timings[title] = 0.0
-                return
-            print(f"    {why}: removing {folder} and redoing the step", flush=True)
-            shutil.rmtree(folder)
-        print("    $ " + " ".join(cmd), flush=True)
-        t0 = time.perf_counter()
-        subprocess.run([sys.executable, *cmd], cwd=REPO, check=True)
-        self.timings[title] = round(time.perf_counter() - t0, 1)
-        if folder is not None:
-            (folder / STAMP).write_text(json.dumps({"cmd": cmd, "stamp": stamp}, indent=1))
-            self.upstream_ran = True
-        print(f"    done in {self.timings[title]:.0f} s", flush=True)
-
-    def _stale(self, folder: Path | None, stamp: str) -> str | None:
-        if folder is None:
-            return None
-        if self.upstream_ran:
-            return "an earlier step ran again"
-        record = folder / STAMP
-        if record.is_file() and json.loads(record.read_text()).get("stamp") != stamp:
-            return "its command or config changed since it ran"
-        return None  # no record: made by hand or by an older version, trusted as it is
-
-
-def _stamp(cmd: list[str], config: Path | None) -> str:
-    text = (REPO / config).read_text() if config is not None else ""
-    return hashlib.sha256(json.dumps([cmd, text]).encode()).hexdigest()[:16]
+def _once(title: str, marker: Path, cmd: list[str]) -> float:
+    """A step without a config (data build, LLM conversion): run unless its marker file exists; seconds taken."""
+    print(f"\n=== {title}", flush=True)
+    if marker.exists():
+        print(f"    already done ({marker}); skipping", flush=True)
+        return 0.0
+    print("    $ python " + " ".join(cmd), flush=True)
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, *cmd], cwd=REPO, check=True)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+    return round(time.perf_counter() - t0, 1)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -84,34 +70,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="outputs/demo", help="where the demo's runs go (default: %(default)s)")
     p.add_argument("--fresh", action="store_true", help="delete earlier demo outputs first")
     args = p.parse_args(argv)
-    out = REPO / args.out
+    out = (REPO / args.out).resolve()
+    os.chdir(REPO)  # every step runs from the checkout, as `make demo` does
     if args.fresh and out.exists():
         shutil.rmtree(out)
     t0 = time.perf_counter()
-    steps = Steps()
-    o = f"run.output_dir={args.out}"
-    enc = f"{args.out}/stage0/encoder.safetensors"
-    steps.run("1/6 embedded data", out / ".data_built", ["scripts/build_embedded_data.py"])
-    (out / ".data_built").parent.mkdir(parents=True, exist_ok=True)
-    (out / ".data_built").touch()
+    timings = {"1/6 embedded data": _once("1/6 embedded data", out / ".data_built", ["scripts/build_embedded_data.py"])}
     # Converting the GGUF once in its own process keeps its ~2 GB peak out of the training step's memory.
-    steps.run("2/6 LLM: SmolLM2 GGUF -> HF folder (once)", out / ".llm_ready", ["-m", "xraygpt.llm"])
-    (out / ".llm_ready").touch()
-    demo = Path("configs/demo")
-    steps.run("3/6 stage 0 encoder", out / "stage0" / "encoder.safetensors",
-              ["scripts/train_encoder.py", "--cfg", str(demo / "stage0_encoder.yaml"), f"{o}/stage0"],
-              out / "stage0", demo / "stage0_encoder.yaml")
-    steps.run("4/6 stage 1", out / "stage1" / "final" / "xraygpt_config.json",
-              ["scripts/train.py", "--cfg", str(demo / "stage1.yaml"), f"{o}/stage1",
-               f"model.encoder.checkpoint={enc}"],
-              out / "stage1", demo / "stage1.yaml")
-    steps.run("5/6 stage 2", out / "stage2" / "final" / "xraygpt_config.json",
-              ["scripts/train.py", "--cfg", str(demo / "stage2.yaml"), f"{o}/stage2", f"model.encoder.checkpoint={enc}",
-               f"run.init_from={args.out}/stage1"], out / "stage2", demo / "stage2.yaml")
-    steps.run("6/6 evaluation", out / "eval" / "table.json",
-              ["scripts/eval_rouge.py", "--cfg", str(demo / "eval.yaml"), f"ckpt={args.out}/stage2",
-               f"output_dir={args.out}/eval"], out / "eval", demo / "eval.yaml")
-    timings = steps.timings
+    title = "2/6 LLM: SmolLM2 GGUF -> HF folder (once)"
+    timings[title] = _once(title, out / ".llm_ready", ["-m", "xraygpt.llm"])
+    for title, step in plan_demo(out):
+        timings[title] = run_step(title, step, "subprocess", redo_under=out)["seconds"]
 
     print("\n=== Results (embedded test split; synthetic renderings of real IU reports, see README)")
     print((out / "eval" / "table.md").read_text())

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import REPO
 
-from xraygpt.ablation import AblationError, load_ablation_config, plan_ablation, run_ablation
+from xraygpt.ablation import STEP_RECORD, AblationError, load_ablation_config, plan_ablation, run_ablation
 from xraygpt.config import ConfigError
 
 EMBEDDED_YAML = REPO / "configs" / "ablation" / "embedded.yaml"
@@ -179,7 +180,6 @@ def test_tiny_ablation_end_to_end_then_rerun_reuses_everything(ablation_yaml, ca
     assert again["rows"] == saved["rows"] and again["control"] == saved["control"]
 
     # a record that lists keys at their default (as older versions wrote it, or before a key existed) still matches
-    from xraygpt.ablation import STEP_RECORD
     record_file = out / "rows" / "radllm" / "stage1" / STEP_RECORD
     record = json.loads(record_file.read_text())
     assert "run.proj_init" not in record["identity"]  # at its default: not part of the identity
@@ -196,6 +196,24 @@ def test_tiny_ablation_end_to_end_then_rerun_reuses_everything(ablation_yaml, ca
     status = {t["step"]: t["status"] for t in redone["timings"]["steps"]}
     assert [k for k, v in status.items() if v == "ran"] == ["rows/baseline/stage1", "rows/baseline/eval"]
     assert weights.stat().st_mtime_ns == mtime
+
+    # an input step made again (same config, new weights: its folder deleted and rerun) makes the steps made from
+    # it stale, however alike their configs: refused, naming the input; redone with on_changed=redo
+    rad1_record = json.loads((out / "rows" / "radllm" / "stage1" / STEP_RECORD).read_text())
+    llm_record = json.loads((out / "llm" / "radiology" / STEP_RECORD).read_text())
+    assert rad1_record["inputs"] == {"stage0": json.loads((out / "stage0" / STEP_RECORD).read_text())["run_id"],
+                                     "llm/radiology": llm_record["run_id"]}
+    shutil.rmtree(out / "llm" / "radiology")
+    with pytest.raises(AblationError, match=r"rows/radllm/stage1: .* made from an earlier llm/radiology.*on_changed"):
+        run_ablation(load_ablation_config(ablation_yaml, changed))
+    assert json.loads((out / "llm" / "radiology" / STEP_RECORD).read_text())["run_id"] != llm_record["run_id"]
+    assert weights.stat().st_mtime_ns == mtime  # refused: the stale row is left as it was
+    redone = run_ablation(load_ablation_config(ablation_yaml, [*changed, "on_changed=redo"]))
+    status = {t["step"]: t["status"] for t in redone["timings"]["steps"]}
+    assert [k for k, v in status.items() if v == "ran"] == ["rows/radllm/stage1", "rows/radllm/eval"]
+    assert weights.stat().st_mtime_ns != mtime
+    again = run_ablation(load_ablation_config(ablation_yaml, changed))  # and then it is current again
+    assert all(t["status"] == "reused" for t in again["timings"]["steps"])
 
 
 def test_bad_row_config_names_the_key(ablation_yaml):

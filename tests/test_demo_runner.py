@@ -1,16 +1,16 @@
-"""`make demo`'s step runner (scripts/run_demo.py): skip what is done, redo what an edited config made stale."""
+"""`make demo`'s plan (scripts/run_demo.py): the shipped demo YAMLs chained into steps 3-6, each step wired to the
+steps it is made from. Skipping and redoing (a changed config, an input made again) is the ablation's own
+`run_step`, tested end to end in test_ablation.py; what the demo adds is this wiring and the config-free steps."""
 
 from __future__ import annotations
 
 import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 from conftest import REPO
-
-# each fake step appends one line to <folder>/runs.txt and writes <folder>/done
-WRITE = ("import pathlib, sys; d = pathlib.Path(sys.argv[1]); d.mkdir(parents=True, exist_ok=True); "
-         "f = d / 'runs.txt'; f.write_text((f.read_text() if f.exists() else '') + 'run\\n'); "
-         "(d / 'done').write_text('ok')")
 
 
 def _runner():
@@ -20,40 +20,39 @@ def _runner():
     return module
 
 
-def _demo(module, tmp: Path) -> dict[str, float]:
-    steps = module.Steps()
-    for name in ("a", "b"):
-        folder = tmp / name
-        steps.run(name, folder / "done", ["-c", WRITE, str(folder)], folder, tmp / f"{name}.yaml")
-    return steps.timings
+def test_plan_chains_the_shipped_configs_under_the_output_folder(tmp_path):
+    out = tmp_path / "my demo: run #1"  # a path YAML would misread unquoted
+    steps = dict(_runner().plan_demo(out))
+    assert list(steps) == ["3/6 stage 0 encoder", "4/6 stage 1", "5/6 stage 2", "6/6 evaluation"]
+    s0, s1, s2, ev = steps.values()
+    assert [s.kind for s in (s0, s1, s2, ev)] == ["stage0", "train", "train", "eval"]
+    assert [[d.key for d in s.deps] for s in (s0, s1, s2, ev)] == [[], ["stage0"], ["stage0", "stage1"], ["stage2"]]
+    assert [s.config.name for s in (s0, s1, s2, ev)] == ["stage0_encoder.yaml", "stage1.yaml", "stage2.yaml",
+                                                         "eval.yaml"]
+    encoder = str(out / "stage0" / "encoder.safetensors")
+    assert s0.resolved.run.output_dir == str(out / "stage0") and s0.out_dir == out / "stage0"
+    assert s1.resolved.run.output_dir == str(out / "stage1") and s1.resolved.model.encoder.checkpoint == encoder
+    assert s2.resolved.model.encoder.checkpoint == encoder and s2.resolved.run.init_from == str(out / "stage1")
+    assert ev.resolved.ckpt == str(out / "stage2") and ev.resolved.output_dir == str(out / "eval")
+    assert ev.resolved.control  # the shipped eval scores the shuffled-image control too
 
 
-def _runs(folder: Path) -> int:
-    return len(folder.joinpath("runs.txt").read_text().splitlines())
-
-
-def test_done_steps_are_skipped_and_an_edited_config_redoes_its_step_and_the_later_ones(tmp_path, capsys):
+def test_config_free_steps_run_once_then_are_skipped(tmp_path, capsys):
     module = _runner()
-    for name in ("a", "b"):
-        (tmp_path / f"{name}.yaml").write_text("run: {max_steps: 1}\n")
-    _demo(module, tmp_path)
-    assert (_runs(tmp_path / "a"), _runs(tmp_path / "b")) == (1, 1)
+    counter = tmp_path / "runs.txt"
+    cmd = ["-c", f"import pathlib; p = pathlib.Path({str(counter)!r}); p.write_text(p.read_text() + 'x' "
+                 "if p.exists() else 'x')"]
+    marker = tmp_path / "marks" / ".done"
+    module._once("data", marker, cmd)
+    assert marker.is_file() and counter.read_text() == "x"
+    assert module._once("data", marker, cmd) == 0.0 and counter.read_text() == "x"
+    assert "already done" in capsys.readouterr().out
+    with pytest.raises(subprocess.CalledProcessError):  # a failing step stops the demo and leaves no marker
+        module._once("broken", tmp_path / ".broken", ["-c", "import sys; sys.exit(3)"])
+    assert not (tmp_path / ".broken").exists()
 
-    assert _demo(module, tmp_path) == {"a": 0.0, "b": 0.0}  # nothing changed: both skipped
-    assert (_runs(tmp_path / "a"), _runs(tmp_path / "b")) == (1, 1)
 
-    (tmp_path / "b.yaml").write_text("run: {max_steps: 2}\n")  # only b's config: a stays, b is redone
-    _demo(module, tmp_path)
-    out = capsys.readouterr().out
-    assert "its command or config changed since it ran: removing" in out
-    assert (_runs(tmp_path / "a"), _runs(tmp_path / "b")) == (1, 1)  # b's folder was removed, then made again
-
-    (tmp_path / "a.yaml").write_text("run: {max_steps: 3}\n")  # a's config: a and everything after it
-    _demo(module, tmp_path)
-    out = capsys.readouterr().out
-    assert out.count("removing") == 2 and "an earlier step ran again" in out
-    assert _demo(module, tmp_path) == {"a": 0.0, "b": 0.0}
-
-    (tmp_path / "a" / module.STAMP).unlink()  # made by an older version (no record): trusted as it is
-    (tmp_path / "a.yaml").write_text("run: {max_steps: 4}\n")
-    assert _demo(module, tmp_path) == {"a": 0.0, "b": 0.0}
+def test_demo_help_runs_from_a_checkout():
+    res = subprocess.run([sys.executable, str(REPO / "scripts" / "run_demo.py"), "--help"], capture_output=True,
+                         text=True, cwd=Path("/"))
+    assert res.returncode == 0 and "--fresh" in res.stdout, res.stderr

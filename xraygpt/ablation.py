@@ -18,8 +18,9 @@ its YAML plus key=value overrides, run as a subprocess (memory freed between ste
 once, naming the row, the step and the key. Shared artefacts (one stage-0 encoder, one LLM per chain) are made
 once; a finished artefact is reused (stage-0 meta, train final/, fine-tune final/, eval table.json) and a
 rerun only does what is missing (training steps run with run.resume=auto, so a killed one continues). Each step
-records what it ran in `ablation_step.json`; an artefact made with another config is refused, naming the keys
-that differ, rather than reused.
+records what it ran in `ablation_step.json`, with a run id and the run ids of the artefacts it was made from; an
+artefact made with another config, or from an input step that has been made again since, is refused (naming the
+keys, or the input) rather than reused.
 
 Outputs in output_dir: stage0/, llm/<chain>/, rows/<row>/<stage>/, rows/<row>/eval/, ablation.md, ablation.json.
 The metrics and their bootstrap CIs are read from each row's eval table.json, never recomputed.
@@ -38,6 +39,7 @@ import shutil
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -286,7 +288,8 @@ def _find_config(p: str, where: str) -> Path:
     raise ConfigError(f"{where}: config file '{p}' not found (looked in the working directory and in {REPO})")
 
 
-def _build_step(key: str, kind: str, where: str, config: str, overrides: list[str], out_dir: Path) -> Step:
+def build_step(key: str, kind: str, where: str, config: str, overrides: list[str], out_dir: Path) -> Step:
+    """One entry point's step, its YAML plus overrides resolved and checked now (a bad key fails before any run)."""
     path = _find_config(config, f"{where}.config")
     try:
         resolved = load_config(KINDS[kind].schema(), path, overrides)
@@ -295,7 +298,7 @@ def _build_step(key: str, kind: str, where: str, config: str, overrides: list[st
     return Step(key, kind, path, list(overrides), out_dir, resolved)
 
 
-def _value(value: Any) -> str:
+def override_value(value: Any) -> str:
     """A key=value right-hand side that reads back as this exact string (quoted when YAML would parse it)."""
     text = str(value)
     try:
@@ -306,7 +309,7 @@ def _value(value: Any) -> str:
 
 
 def _llm_override(value: str | Path) -> str:
-    return f"model.llm.name_or_path={_value(value)}"
+    return f"model.llm.name_or_path={override_value(value)}"
 
 
 def _first_stage_feature(stages: list[tuple[str, Any]], row: Any) -> str | None:
@@ -314,8 +317,8 @@ def _first_stage_feature(stages: list[tuple[str, Any]], row: Any) -> str | None:
     if not stages:
         return None
     name, stage = stages[0]
-    step = _build_step("probe", "train", f"train.{name}", stage.config, [*stage.overrides, *row.train_overrides],
-                       Path("."))  # fmt: skip
+    step = build_step("probe", "train", f"train.{name}", stage.config, [*stage.overrides, *row.train_overrides],
+                      Path("."))  # fmt: skip
     return step.resolved.model.encoder.feature
 
 
@@ -340,8 +343,8 @@ def plan_ablation(cfg: AblationConfig) -> Plan:
     stage0_ckpt = out / "stage0" / "encoder.safetensors"
     stage0_init = out / "stage0" / "encoder_init.safetensors"
     if cfg.stage0.config:
-        s0 = _build_step("stage0", "stage0", "stage0", cfg.stage0.config,
-                         [*cfg.stage0.overrides, f"run.output_dir={_value(out / 'stage0')}"], out / "stage0")
+        s0 = build_step("stage0", "stage0", "stage0", cfg.stage0.config,
+                        [*cfg.stage0.overrides, f"run.output_dir={override_value(out / 'stage0')}"], out / "stage0")
         arch = s0.resolved.model.name
         if any(r.encoder == "stage0" for r in runnable.values()):
             steps[s0.key] = s0
@@ -355,14 +358,14 @@ def plan_ablation(cfg: AblationConfig) -> Plan:
             s = cfg.llm_steps[name]
             key = "llm/" + "+".join(chain[:i + 1])
             d = out / key
-            init = _value(prev) if prev is not None else "null"
-            ov = [*s.overrides, f"run.output_dir={_value(d)}", f"run.init_from={init}", "run.resume=auto"]
+            init = override_value(prev) if prev is not None else "null"
+            ov = [*s.overrides, f"run.output_dir={override_value(d)}", f"run.init_from={init}", "run.resume=auto"]
             if cfg.base_llm:
                 ov.append(_llm_override(cfg.base_llm))
             if s.train_file:
-                ov.append(f"data.train_file={_value(s.train_file)}")
+                ov.append(f"data.train_file={override_value(s.train_file)}")
             if key not in steps:
-                steps[key] = _build_step(key, "llm", f"{where} -> llm_steps.{name}", s.config, ov, d)
+                steps[key] = build_step(key, "llm", f"{where} -> llm_steps.{name}", s.config, ov, d)
                 steps[key].deps = [prev_step] if prev_step else []
             prev, prev_step = d, steps[key]
         return prev_step
@@ -376,7 +379,7 @@ def plan_ablation(cfg: AblationConfig) -> Plan:
         if row.encoder == "random" and s0 is not None and _first_stage_feature(stages, row) == "labels":
             # feature=labels needs a label head: the stage-0 run's seeded, untrained model and head
             enc_desc = f"random init ({arch})"
-            enc_ov = [f"model.encoder.checkpoint={_value(stage0_init)}"]
+            enc_ov = [f"model.encoder.checkpoint={override_value(stage0_init)}"]
             steps.setdefault(s0.key, s0)
             uses_s0 = True
         elif row.encoder == "random":
@@ -384,14 +387,14 @@ def plan_ablation(cfg: AblationConfig) -> Plan:
             enc_ov = ["model.encoder.checkpoint=null"]
         elif row.encoder == "stage0":
             enc_desc = f"stage 0 ({arch})"
-            enc_ov = [f"model.encoder.checkpoint={_value(stage0_ckpt)}"]
+            enc_ov = [f"model.encoder.checkpoint={override_value(stage0_ckpt)}"]
         else:
             enc_desc = row.encoder
-            enc_ov = [f"model.encoder.checkpoint={_value(row.encoder)}"]
+            enc_ov = [f"model.encoder.checkpoint={override_value(row.encoder)}"]
             if not Path(row.encoder).expanduser().is_file():
                 raise ConfigError(f"rows.{rid}.encoder: checkpoint file {row.encoder} not found")
         if arch and row.encoder in ENCODER_CHOICES:
-            enc_ov = ["model.encoder.type=open_clip", f"model.encoder.name={_value(arch)}", *enc_ov]
+            enc_ov = ["model.encoder.type=open_clip", f"model.encoder.name={override_value(arch)}", *enc_ov]
         llm_desc = " -> ".join(row.llm) + " fine-tune" if row.llm else "base"
         plan = RowPlan(rid, name, enc_desc, llm_desc)
         rows.append(plan)
@@ -405,9 +408,9 @@ def plan_ablation(cfg: AblationConfig) -> Plan:
         prev = None
         for sname, stage in stages:
             d = out / "rows" / rid / sname
-            ov = [*stage.overrides, *row.train_overrides, f"run.output_dir={_value(d)}", *enc_ov, *llm_ov,
-                  f"run.init_from={_value(prev) if prev is not None else 'null'}", "run.resume=auto"]
-            st = _build_step(f"rows/{rid}/{sname}", "train", f"rows.{rid} (train.{sname})", stage.config, ov, d)
+            ov = [*stage.overrides, *row.train_overrides, f"run.output_dir={override_value(d)}", *enc_ov, *llm_ov,
+                  f"run.init_from={override_value(prev) if prev is not None else 'null'}", "run.resume=auto"]
+            st = build_step(f"rows/{rid}/{sname}", "train", f"rows.{rid} (train.{sname})", stage.config, ov, d)
             if not row.llm and base_llm_name is None:
                 base_llm_name = st.resolved.model.llm.name_or_path
             st.deps, deps = deps, [st]
@@ -415,9 +418,10 @@ def plan_ablation(cfg: AblationConfig) -> Plan:
             steps[st.key] = st
             prev = d
         eval_dir = out / "rows" / rid / "eval"
-        ov = [*cfg.eval.overrides, *row.eval_overrides, f"ckpt={_value(prev)}", f"output_dir={_value(eval_dir)}",
-              f"name={_value(name)}", f"control={'true' if cfg.control.enabled else 'false'}", "shuffle_images=false"]
-        ev = _build_step(f"rows/{rid}/eval", "eval", f"rows.{rid} (eval)", cfg.eval.config, ov, eval_dir)
+        ov = [*cfg.eval.overrides, *row.eval_overrides, f"ckpt={override_value(prev)}",
+              f"output_dir={override_value(eval_dir)}", f"name={override_value(name)}",
+              f"control={'true' if cfg.control.enabled else 'false'}", "shuffle_images=false"]
+        ev = build_step(f"rows/{rid}/eval", "eval", f"rows.{rid} (eval)", cfg.eval.config, ov, eval_dir)
         ev.deps = deps
         plan.steps.append(ev)
         plan.eval_dir = eval_dir
@@ -484,15 +488,38 @@ def _record(step: Step) -> dict[str, Any] | None:
 def _changed(step: Step, record: dict[str, Any] | None) -> str | None:
     """Why the step's finished artefact does not match this config (None: it matches, or it has no record)."""
     if record is None:
-        return None  # made outside the ablation (by hand, run_demo): trusted as it is
+        return None  # made by hand, or by an older version: trusted as it is
     # records of older versions list keys at their default too; compare like with like
     want, have = _identity(step), _without_defaults(record.get("identity", {}), _defaults(step))
     diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
     if not diff:
-        return None
+        return _remade_input(step, record)
     shown = ", ".join(f"{k} (was {have.get(k)!r}, now {want.get(k)!r})" for k in diff[:6])
     return f"{step.key}: {step.out_dir} was made with another config, differing at {shown}" + \
         (" ..." if len(diff) > 6 else "")
+
+
+def _run_ids(step: Step) -> dict[str, str]:
+    """The run id of each input step's finished artefact (inputs made by hand, or by an older version, have none)."""
+    ids = {}
+    for dep in step.deps:
+        run_id = (_record(dep) or {}).get("run_id")
+        if run_id:
+            ids[dep.key] = run_id
+    return ids
+
+
+def _remade_input(step: Step, record: dict[str, Any]) -> str | None:
+    """Why the artefact is stale although its config matches: an input step was made again after it (same config,
+    new weights: e.g. its folder was deleted and the step rerun). Records without input ids are trusted."""
+    made_from = record.get("inputs")
+    if not isinstance(made_from, dict):
+        return None
+    for key, run_id in _run_ids(step).items():
+        if key in made_from and made_from[key] != run_id:
+            return (f"{step.key}: {step.out_dir} was made from an earlier {key} (that step has been made again "
+                    "since, so this one would be stale)")
+    return None
 
 
 def _load_script(script: str):
@@ -539,7 +566,7 @@ def run_step(title: str, step: Step, isolation: str = "subprocess", redo_under: 
                             f"(command: python {' '.join(step.command)})")
     rec = {"key": step.key, "kind": step.kind, "config": str(step.config), "overrides": step.overrides,
            "seconds": seconds, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-           "identity": _identity(step)}
+           "identity": _identity(step), "run_id": uuid.uuid4().hex, "inputs": _run_ids(step)}
     atomic_write_text(step.out_dir / STEP_RECORD, json.dumps(rec, indent=1) + "\n")
     print(f"    done in {seconds:.0f} s", flush=True)
     return {"status": "ran", "seconds": seconds, "recorded_seconds": seconds}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from test_train_recipe import toy_data  # noqa: F401  (module-scoped fixture)
 
 from xraygpt.eval.generate import EvalConfig, EvalDataConfig, derangement, generate_predictions
@@ -85,3 +86,32 @@ def test_checkpoint_for_another_llm_width_names_both(toy_data, tmp_path, tiny_ll
     c = cfg(tmp_path / "x.pth", toy_data, tmp_path / "o", model=model_cfg)
     with pytest.raises(ValueError, match=r"\(4096, 256\) but this model expects \(64, 256\)"):
         generate_predictions(c)
+
+
+@pytest.fixture(scope="module")
+def bf16_model_dir(tiny_llm_dir, tmp_path_factory):  # noqa: F811
+    import torch
+
+    torch.manual_seed(0)
+    m = XrayGPT(ModelConfig(llm=LLMConfig(name_or_path=str(tiny_llm_dir), dtype="bfloat16")))
+    torch.nn.init.normal_(m.llama_proj.weight, std=0.5)
+    return m.save_pretrained(tmp_path_factory.mktemp("model_bf16"))
+
+
+def test_half_precision_llm_is_evaluated_in_float32_by_default(bf16_model_dir, toy_data, tmp_path):  # noqa: F811
+    model = XrayGPT.from_pretrained(bf16_model_dir)
+    weight = next(model.llm.parameters()).detach().clone()
+    assert weight.dtype == torch.bfloat16
+    a = read(generate_predictions(cfg(bf16_model_dir, toy_data, tmp_path / "a", batch_size=4), model))
+    assert next(model.llm.parameters()).dtype == torch.float32
+    assert torch.equal(next(model.llm.parameters()).detach(), weight.float())  # upcast exactly, not reloaded
+    b = read(generate_predictions(cfg(bf16_model_dir, toy_data, tmp_path / "b", batch_size=1)))
+    assert [r["prediction"] for r in a] == [r["prediction"] for r in b]
+    assert a[0]["model"]["llm_dtype"] == "float32"
+    kept = read(generate_predictions(cfg(bf16_model_dir, toy_data, tmp_path / "c", compute_dtype="model")))
+    assert kept[0]["model"]["llm_dtype"] == "bfloat16"
+
+
+def test_unknown_compute_dtype_is_refused(model_dir, toy_data, tmp_path):  # noqa: F811
+    with pytest.raises(ValueError, match="compute_dtype must be float32 or model, got 'fp16'"):
+        cfg(model_dir, toy_data, tmp_path, compute_dtype="fp16").validate()

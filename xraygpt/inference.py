@@ -4,8 +4,9 @@
       -> load_image + ImageTransform (the encoder's own processing)   pixels (N, 3, S, S)
       -> XrayGPT.generate, batch_size films at a time                  one summary per film
 
-Greedy decoding is batch-invariant, so `summarize(films, batch_size=8)` equals summarising them one by one
-(tested). Files are decoded one batch at a time, so a long list never sits in memory as pixels.
+Greedy decoding with a float32 LLM is batch-invariant, so `summarize(films, batch_size=8)` equals summarising
+them one by one (tested); a bfloat16/float16 LLM (`llm.dtype`) can change a film's output with the batch it is in.
+Files are decoded one batch at a time, so a long list never sits in memory as pixels.
 The command line (`scripts/infer.py`) and the web demo (`xraygpt.web`) build on these functions.
 """
 

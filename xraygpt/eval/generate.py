@@ -1,7 +1,8 @@
 """Batched generation over a split -> predictions JSONL (resumable), for the metric tables.
 
-Deterministic by default: one fixed instruction, greedy decoding, left padding; a sample's greedy output does
-not depend on the batch it was in. The original's random-prompt behaviour is available (seeded per sample).
+Deterministic by default: one fixed instruction, greedy decoding, left padding, and the LLM computed in float32
+(`compute_dtype`), so a sample's greedy output does not depend on the batch it was in, the batch size, or where a
+resumed run restarted. The original's random-prompt behaviour is available (seeded per sample).
 `shuffle_images` breaks the image/report pairing with a seeded derangement: the control row that shows how
 much the image itself contributes.
 """
@@ -42,6 +43,11 @@ class EvalConfig:
     name: str = "XrayGPT"  # the table row's name
     output_dir: str = "outputs/eval/xraygpt"
     batch_size: int = 16
+    # float32: a half-precision LLM (dtype auto/bfloat16/float16) is upcast for evaluation, the same weight values
+    # computed in float32, so outputs are batch-invariant. bf16 kernels block differently for other batch shapes:
+    # here 15 of 32 films' greedy outputs changed between batch 8 and 32. model: keep the loaded dtype (less memory,
+    # faster on GPUs; a table then reproduces only with the same batch_size). Quantized LLMs always keep theirs.
+    compute_dtype: str = "float32"
     instruction: str = DEFAULT_INSTRUCTION
     random_prompt: bool = False  # the original's behaviour: a random instruction from prompt_file per sample
     prompt_file: str | None = None
@@ -59,6 +65,8 @@ class EvalConfig:
             raise ValueError("batch_size must be >= 1")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto|cpu|cuda, got '{self.device}'")
+        if self.compute_dtype not in ("float32", "model"):
+            raise ValueError(f"compute_dtype must be float32 or model, got '{self.compute_dtype}'")
 
 
 def load_model(ckpt: str | Path, model_cfg: ModelConfig | None = None) -> XrayGPT:
@@ -73,6 +81,20 @@ def load_model(ckpt: str | Path, model_cfg: ModelConfig | None = None) -> XrayGP
         model.load_original_checkpoint(path)
         return model
     return XrayGPT.from_pretrained(find_model_dir(path))
+
+
+def use_compute_dtype(model: XrayGPT, compute_dtype: str) -> str:
+    """Put the LLM in the evaluation's compute dtype (see EvalConfig.compute_dtype); returns the dtype it runs in."""
+    llm_cfg = model.config.llm
+    dtype = next(model.llm.parameters()).dtype
+    if compute_dtype == "float32" and dtype in (torch.bfloat16, torch.float16):
+        if llm_cfg.load_in_8bit or llm_cfg.load_in_4bit:
+            log.warning("compute_dtype=float32: the LLM is quantized (llm.load_in_8bit/4bit) and keeps its compute "
+                        "dtype; its outputs can depend on the batch size")
+        else:
+            model.llm.float()  # upcasting is exact: the weights keep the values the projection was trained with
+            dtype = torch.float32
+    return str(dtype).removeprefix("torch.")
 
 
 def derangement(n: int, seed: int) -> list[int]:
@@ -135,6 +157,7 @@ def generate_predictions(cfg: EvalConfig, model: XrayGPT | None = None) -> Path:
     preds_path = out_dir / "predictions.jsonl"
     model = model or load_model(cfg.ckpt, cfg.model)
     model.to(device).eval()
+    llm_dtype = use_compute_dtype(model, cfg.compute_dtype)
     root, ann = resolve_split(cfg)
     dataset = CaptionDataset(root, ann, transform=ImageTransform(model.encoder.processing, train=False))
     n = len(dataset) if cfg.data.limit is None else min(cfg.data.limit, len(dataset))
@@ -144,7 +167,8 @@ def generate_predictions(cfg: EvalConfig, model: XrayGPT | None = None) -> Path:
     todo = [i for i in range(n) if dataset.record(i)["image_id"] not in done]
     if done:
         log.info("%s: %d predictions already done, %d to go", preds_path, n - len(todo), len(todo))
-    identity = {"ckpt": str(cfg.ckpt), "encoder": model.config.encoder.name, "llm": model.config.llm.name_or_path}
+    identity = {"ckpt": str(cfg.ckpt), "encoder": model.config.encoder.name, "llm": model.config.llm.name_or_path,
+                "llm_dtype": llm_dtype}
     settings = asdict(cfg.generation)
     bar = None
     if cfg.progress and todo:

@@ -36,6 +36,7 @@ import numpy as np
 from xraygpt.data.embedded import build_embedded_dataset
 from xraygpt.data.mesh import MeshFinding, parse_tag
 from xraygpt.eval.generate import EvalConfig, derangement
+from xraygpt.eval.predictions import read_predictions
 from xraygpt.eval.rouge import rouge_per_sample
 from xraygpt.llm_finetune.radiology_conversations import sentences
 
@@ -81,18 +82,16 @@ def with_findings(normal: str, tags: Sequence[str]) -> str:
 
 def row_split(eval_dir: Path, images: dict, normal: str) -> dict:
     """A row's R-L on normal and abnormal films, matched and shuffled, beside the normal answer for every film."""
-    def read(path: Path) -> list[dict]:
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-    own, ctrl = read(eval_dir / "predictions.jsonl"), read(eval_dir / "control" / "predictions.jsonl")
-    if [r["image_id"] for r in own] != [r["image_id"] for r in ctrl]:
+    own = read_predictions(eval_dir / "predictions.jsonl")
+    ctrl = read_predictions(eval_dir / "control" / "predictions.jsonl")
+    if own.ids != ctrl.ids:
         raise ValueError(f"{eval_dir}: predictions and control/predictions list different films")
-    refs = [r["reference"] for r in own]
-    matched = rouge_per_sample(refs, [r["prediction"] for r in own])["rougeL"]
-    shuffled = rouge_per_sample(refs, [r["prediction"] for r in ctrl])["rougeL"]
+    refs = own.references
+    matched = rouge_per_sample(refs, own.predictions)["rougeL"]
+    shuffled = rouge_per_sample(refs, ctrl.predictions)["rougeL"]
     template = rouge_per_sample(refs, [normal] * len(refs))["rougeL"]
-    kind = np.array(["unlabelled" if not images[r["image_id"]]["labelled"] else
-                     "normal" if images[r["image_id"]]["labels"][0] else "abnormal" for r in own])
+    kind = np.array(["unlabelled" if not images[i]["labelled"] else "normal" if images[i]["labels"][0] else "abnormal"
+                     for i in own.ids])
     out = {}
     for k in ("normal", "abnormal", "unlabelled", "all"):
         m = kind == k if k != "all" else np.ones(len(kind), bool)
@@ -181,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"benchmark": "labels_only_ceiling", "test_films": len(test), "max_tokens": args.max_tokens,
               "train_summaries": len(train), "rows": rows,
               "normal_answer_for_every_film_rougeL": round(float(normal_everywhere.mean()), 4),
- "seconds": round(time.time() - start, 1),
+              "seconds": round(time.time() - start, 1),
               "machine": {"python": platform.python_version(), "processor": platform.processor() or platform.machine()}}
     if args.row_eval:
         result["row_split"] = {"eval_dir": args.row_eval, **row_split(Path(args.row_eval), images, normal)}

@@ -90,8 +90,6 @@ def test_checkpoint_for_another_llm_width_names_both(toy_data, tmp_path, tiny_ll
 
 @pytest.fixture(scope="module")
 def bf16_model_dir(tiny_llm_dir, tmp_path_factory):  # noqa: F811
-    import torch
-
     torch.manual_seed(0)
     m = XrayGPT(ModelConfig(llm=LLMConfig(name_or_path=str(tiny_llm_dir), dtype="bfloat16")))
     torch.nn.init.normal_(m.llama_proj.weight, std=0.5)

@@ -60,6 +60,7 @@ def test_row_split_scores_a_row_by_the_films_label_beside_the_normal_answer(tmp_
     assert split["abnormal"]["films"] == 1 and split["abnormal"]["rougeL_matched"] == 1.0
     assert split["abnormal"]["rougeL_shuffled"] == split["abnormal"]["rougeL_normal_answer"] == 0.0
     assert split["unlabelled"]["films"] == 1 and split["all"]["films"] == 3
-    (tmp_path / "control" / "predictions.jsonl").write_text("")
+    (tmp_path / "control" / "predictions.jsonl").write_text(  # a control over another list of films
+        json.dumps({"image_id": "a", "reference": films[0][1], "prediction": normal}) + "\n")
     with pytest.raises(ValueError, match="predictions and control/predictions list different films"):
         ceiling.row_split(tmp_path, images, normal)

@@ -18,6 +18,7 @@ from conftest import REPO
 
 from xraygpt.ablation import STEP_RECORD, AblationError, load_ablation_config, plan_ablation, run_ablation
 from xraygpt.config import ConfigError
+from xraygpt.data.embedded import data_identity
 
 EMBEDDED_YAML = REPO / "configs" / "ablation" / "embedded.yaml"
 
@@ -186,6 +187,21 @@ def test_tiny_ablation_end_to_end_then_rerun_reuses_everything(ablation_yaml, ca
     record["identity"]["run.proj_init"] = "default"
     record_file.write_text(json.dumps(record))
     assert all(t["status"] == "reused" for t in run_ablation(load_ablation_config(ablation_yaml))["timings"]["steps"])
+
+    # steps that read the embedded dataset (here stage 0 and the LLM's conversations; the tiny stages read it as a
+    # plain folder) record its version and caption rules: made from other captions, they are stale
+    stage0_file = out / "stage0" / STEP_RECORD
+    stage0_text = stage0_file.read_text()
+    assert json.loads(stage0_text)["identity"]["embedded data"] == data_identity()
+    assert json.loads((out / "llm" / "radiology" / STEP_RECORD).read_text())["identity"]["embedded data"] == \
+        data_identity()
+    assert "embedded data" not in record["identity"]
+    older = json.loads(stage0_text)
+    older["identity"]["embedded data"] = "1-render2 raw"
+    stage0_file.write_text(json.dumps(older))
+    with pytest.raises(AblationError, match=r"stage0: .*embedded data \(was '1-render2 raw', now '2-render"):
+        run_ablation(load_ablation_config(ablation_yaml))
+    stage0_file.write_text(stage0_text)
 
     # a finished step whose config changed is refused (named), not silently reused; on_changed=redo redoes it
     # and the steps made from it (the row's eval), and nothing else

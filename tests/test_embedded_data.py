@@ -8,17 +8,20 @@ import time
 import pytest
 from PIL import Image
 
+from data_prep.cleaners import RulesCleaner, has_blank, rules_summary
 from xraygpt.data.dataset import CaptionDataset
 from xraygpt.data.embedded import (
     DATA_VERSION,
     SPLITS,
     EmbeddedDataError,
     build_embedded_dataset,
+    caption_identity,
     default_out_dir,
     split_of,
 )
 from xraygpt.data.mesh import CHEXPERT_CLASSES, parse_tag
 from xraygpt.data.render import render_png_bytes
+from xraygpt.data.reports import read_reports
 
 LIMIT = 60
 
@@ -78,7 +81,38 @@ def test_labels_and_captions(built):
         assert len(rec["labels"]) == 14 and set(rec["labels"]) <= {0, 1}
         assert rec["labelled"] == any(t != "No Indexing" for t in rec["tags"])
         cap = captions[iid]
-        assert cap == cap.strip() and "  " not in cap and len(cap.split()) >= 12  # >= 10 findings + 2 impression
+        assert cap == cap.strip() and "  " not in cap and cap
+
+
+def test_captions_are_the_rules_cleaners_summaries(built):
+    """The paper trains on cleaned summaries: each caption is data_prep's `rules` summary of its report."""
+    reports = {r.report_id: r for r in read_reports()}
+    meta = json.loads(built.labels_file.read_text())["images"]
+    anns = json.loads(built.ann_file.read_text())["annotations"]
+    changed = 0
+    for a in anns:
+        r = reports[meta[a["image_id"]]["report_id"]]
+        assert a["caption"] == rules_summary(r.findings, r.impression)
+        assert not has_blank(a["caption"]) and "XXXX" not in a["caption"]
+        changed += a["caption"] != r.caption
+    raw_blanks = sum(has_blank(reports[meta[a["image_id"]]["report_id"]].caption) for a in anns)
+    assert raw_blanks > 10 and changed >= raw_blanks  # the cleaning did something on these 60 reports
+    assert built.manifest["captions"] == caption_identity("rules")
+    assert built.manifest["captions"]["rules_sha256"] == RulesCleaner().describe()["rules_sha256"]
+    assert built.manifest["empty_after_cleaning"] == 0
+
+
+def test_raw_captions_are_findings_and_impression_as_written(tmp_path, monkeypatch):
+    monkeypatch.setenv("XRAYGPT_CACHE", str(tmp_path / "cache"))
+    ds = build_embedded_dataset(limit=8, captions="raw", workers=1)
+    assert ds.root == tmp_path / "cache" / "embedded_data" / f"{DATA_VERSION}-limit8-raw"
+    assert ds.manifest["captions"] == {"kind": "raw"}
+    reports = {r.report_id: r for r in read_reports()}
+    meta = json.loads(ds.labels_file.read_text())["images"]
+    for a in json.loads(ds.ann_file.read_text())["annotations"]:
+        assert a["caption"] == reports[meta[a["image_id"]]["report_id"]].caption
+    with pytest.raises(ValueError, match="captions must be one of"):
+        build_embedded_dataset(tmp_path / "x", limit=2, captions="clean")
 
 
 def test_images_are_the_renderer_output(built):
@@ -114,6 +148,12 @@ def test_rerun_reuses_and_force_rebuilds(built):
     built.manifest_file.write_text(json.dumps(other))
     rebuilt = build_embedded_dataset(built.root, limit=LIMIT)
     assert not rebuilt.reused and rebuilt.manifest["version"] == DATA_VERSION
+    # so is one whose captions were made with other cleaning rules (data_prep/cleaners.py edited since)
+    other = json.loads(built.manifest_file.read_text())
+    other["captions"]["rules_sha256"] = "0" * 64
+    built.manifest_file.write_text(json.dumps(other))
+    rebuilt = build_embedded_dataset(built.root, limit=LIMIT)
+    assert not rebuilt.reused and rebuilt.manifest["captions"] == caption_identity("rules")
 
 
 def test_force_rebuild_gives_identical_files(tmp_path):
@@ -155,10 +195,14 @@ def test_report_without_tags_renders_as_unlabelled_normal(tmp_path):
     (src / "1.xml").write_text(_xml("CXR1", long, "all fine", []))
     (src / "2.xml").write_text(_xml("CXR2", long, "big heart", ["Cardiomegaly/mild", "Sarcoidosis"]))
     (src / "3.xml").write_text(_xml("CXR3", "too short", "all fine", ["normal"]))
+    # passes the filters, but every sentence only compares with an earlier study: nothing left after cleaning
+    (src / "4.xml").write_text(_xml("CXR4", "The heart is unchanged in size since the prior exam of last week.",
+                                    "No change.", ["normal"]))  # fmt: skip
     ds = build_embedded_dataset(tmp_path / "out", reports_source=src)
     m = ds.manifest
-    assert m["filter"] == {"kept": 2, "dropped": {"no_findings": 0, "no_impression": 0, "findings_too_short": 1,
+    assert m["filter"] == {"kept": 3, "dropped": {"no_findings": 0, "no_impression": 0, "findings_too_short": 1,
                                                   "impression_too_short": 0}}  # fmt: skip
+    assert m["empty_after_cleaning"] == 1 and m["n_images"] == 2
     assert m["reports_without_tags"] == 1 and m["reports_without_label"] == 1
     assert m["tags"]["unknown_terms"] == {"sarcoidosis": 1}
     labels = json.loads(ds.labels_file.read_text())["images"]

@@ -466,12 +466,25 @@ def _without_defaults(flat: dict[str, Any], defaults: dict[str, Any]) -> dict[st
     return {k: v for k, v in flat.items() if k not in defaults or defaults[k] != v}
 
 
+def _reads_embedded_data(flat: dict[str, Any]) -> bool:
+    """Whether a step's (flattened, defaults included) config reads the embedded dataset: the vision stages,
+    stage 0 and the eval through `data.embedded`, an LLM fine-tune through `embedded:radiology` conversations."""
+    return flat.get("data.embedded") is True or any(
+        isinstance(flat.get(k), str) and flat[k].startswith("embedded:radiology")
+        for k in ("data.train_file", "data.val_file"))
+
+
 def _identity(step: Step) -> dict[str, Any]:
     """The step's config minus keys that do not change its artefact and keys at their default, plus a digest of
     each input step's identity (so a stage made from a changed stage 1 counts as changed too)."""
     ignore = KINDS[step.kind].ignore
-    flat = _without_defaults(_flat_config(step.resolved), _defaults(step))
+    full = _flat_config(step.resolved)
+    flat = _without_defaults(full, _defaults(step))
     out = {k: v for k, v in flat.items() if not any(k == i or k.startswith(i + ".") for i in ignore)}
+    if _reads_embedded_data(full):
+        from xraygpt.data.embedded import data_identity
+
+        out["embedded data"] = data_identity()  # its version and caption rules: new captions, new artefacts
     for dep in step.deps:
         text = json.dumps(_identity(dep), sort_keys=True)
         out[f"input {dep.key}"] = hashlib.sha256(text.encode()).hexdigest()[:16]

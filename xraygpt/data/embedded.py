@@ -1,7 +1,10 @@
 """Build the embedded paired dataset: real IU reports + one synthetic film per report, in XrayGPT's layout.
 
     <out>/image/<image_id>.png         rendered from the report's MeSH tags only (xraygpt.data.render)
-    <out>/filter_cap.json              {"annotations": [{"image_id", "caption"}]}, caption = findings + impression
+    <out>/filter_cap.json              {"annotations": [{"image_id", "caption"}]}, caption = the report's findings +
+                                       impression, cleaned as the paper's summaries are (data_prep's offline
+                                       `rules` cleaner: no comparisons with prior studies, no XXXX blanks, no
+                                       view mentions, impression sentences already in the findings not repeated)
     <out>/splits/{train,val,test}.json same format; split by a hash of the report id (~70/10/20)
     <out>/labels.json                  {"classes": [14 CheXpert names], "images": {image_id: {labels, tags, ...}}}
     <out>/manifest.json                counts, versions, build time; written last, so it marks a complete build
@@ -30,7 +33,8 @@ from xraygpt.data.mesh import CHEXPERT_CLASSES, TagStats, parse_report_tags, par
 from xraygpt.data.render import DEFAULT_SIZE, RENDER_VERSION, render_png_bytes
 from xraygpt.data.reports import Report, apply_rule_filters, read_reports
 
-DATA_VERSION = f"1-render{RENDER_VERSION}"  # bump on any change to the layout, captions, labels or splits
+DATA_VERSION = f"2-render{RENDER_VERSION}"  # bump on any change to the layout, captions, labels or splits
+CAPTIONS = ("rules", "raw")  # rules: the paper's clean summaries, offline; raw: findings + impression as written
 SPLITS = {"train": 0.7, "val": 0.1, "test": 0.2}
 SHEET_CLASSES = (  # the contact sheet shows one film per class first, then fills up
     "No Finding", "Cardiomegaly", "Pleural Effusion", "Pneumothorax", "Lung Opacity", "Consolidation",
@@ -93,11 +97,42 @@ def image_id_of(report: Report) -> str:
     return report.image_ids[0] if report.image_ids else report.report_id
 
 
-def default_out_dir(limit: int | None = None, size: int = DEFAULT_SIZE) -> Path:
+def default_out_dir(limit: int | None = None, size: int = DEFAULT_SIZE, captions: str = "rules") -> Path:
     from xraygpt.assets import cache_dir
 
-    name = DATA_VERSION + (f"-s{size}" if size != DEFAULT_SIZE else "") + (f"-limit{limit}" if limit else "")
+    name = DATA_VERSION + (f"-s{size}" if size != DEFAULT_SIZE else "") + (f"-limit{limit}" if limit else "") + \
+        ("" if captions == "rules" else f"-{captions}")
     return cache_dir("embedded_data", name)
+
+
+def caption_identity(captions: str = "rules") -> dict[str, str]:
+    """What the captions of a build are made with: a build is reused only when this still matches, so a change
+    to the cleaning rules (data_prep/cleaners.py) rebuilds the data, and the steps trained on it notice."""
+    if captions not in CAPTIONS:
+        raise ValueError(f"captions must be one of {list(CAPTIONS)}, got '{captions}'")
+    if captions == "raw":
+        return {"kind": "raw"}
+    from data_prep.cleaners import RulesCleaner
+
+    return {"kind": "rules", "rules_sha256": RulesCleaner().describe()["rules_sha256"]}
+
+
+def data_identity(captions: str = "rules") -> str:
+    """One string naming the embedded data's version and caption rules (for step records that depend on it)."""
+    ident = caption_identity(captions)
+    return f"{DATA_VERSION} {ident['kind']}" + (f" {ident['rules_sha256'][:16]}" if "rules_sha256" in ident else "")
+
+
+def captions_of(reports: Sequence[Report], captions: str) -> tuple[list[tuple[Report, str]], int]:
+    """(report, caption) for each report whose caption is not empty, and how many were dropped as empty."""
+    if captions == "raw":
+        pairs = [(r, r.caption) for r in reports]
+    else:
+        from data_prep.cleaners import rules_summary
+
+        pairs = [(r, rules_summary(r.findings, r.impression)) for r in reports]
+    kept = [(r, c) for r, c in pairs if c]
+    return kept, len(pairs) - len(kept)
 
 
 def _write_json(path: Path, obj: Any, indent: int | None = None) -> None:
@@ -119,13 +154,14 @@ def _check_writable(out_dir: Path) -> None:
         ) from None
 
 
-def _complete_build(out_dir: Path, limit: int | None, size: int) -> dict[str, Any] | None:
-    """The manifest of a finished build with the same version and options, else None."""
+def _complete_build(out_dir: Path, limit: int | None, size: int, captions: dict[str, str]) -> dict[str, Any] | None:
+    """The manifest of a finished build with the same version, options and caption rules, else None."""
     try:
         manifest = json.loads((out_dir / "manifest.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if (manifest.get("version"), manifest.get("limit"), manifest.get("size")) != (DATA_VERSION, limit, size):
+    have = (manifest.get("version"), manifest.get("limit"), manifest.get("size"), manifest.get("captions"))
+    if have != (DATA_VERSION, limit, size, captions):
         return None
     files = ["filter_cap.json", "labels.json", *(f"splits/{s}.json" for s in SPLITS)]
     if not all((out_dir / f).is_file() for f in files):
@@ -155,27 +191,31 @@ def build_embedded_dataset(
     workers: int | None = None,
     reports_source: Path | None = None,
     progress: Callable[[int, int], None] | None = None,
+    captions: str = "rules",
 ) -> EmbeddedDataset:
     """Build (or reuse) the embedded dataset and return where it is.
 
-    out_dir: default `cache_dir("embedded_data", <version>[-limit<N>])`.
-    limit: keep only the first N reports that pass the filters (fast builds for tests).
+    out_dir: default `cache_dir("embedded_data", <version>[-limit<N>][-raw])`.
+    limit: keep only the first N reports that pass the filters and cleaning (fast builds for tests).
     force: rebuild even when a complete build with the same version is present.
     workers: render processes (default: min(2, CPUs); 1 renders in this process).
     reports_source: report tgz or folder (default: the IU tgz from the torchxrayvision wheel).
     progress: called as progress(done, total) while rendering.
+    captions: "rules" (default) cleans each caption as the paper's summaries (see the module docstring); "raw"
+        keeps findings + impression as written (XXXX blanks and comparisons included).
     """
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
+    caption_id = caption_identity(captions)
     if out_dir is None:
         try:
-            out_dir = default_out_dir(limit, size)
+            out_dir = default_out_dir(limit, size, captions)
         except OSError as e:
             raise EmbeddedDataError(f"Cannot create the cache folder for the embedded dataset: {e}. Set "
                                     "XRAYGPT_CACHE to a writable place or pass out_dir.") from None  # fmt: skip
     out_dir = Path(out_dir).expanduser()
     if not force:
-        manifest = _complete_build(out_dir, limit, size)
+        manifest = _complete_build(out_dir, limit, size, caption_id)
         if manifest is not None:
             return EmbeddedDataset(out_dir, manifest, reused=True)
     _check_writable(out_dir)  # before any work
@@ -185,7 +225,8 @@ def build_embedded_dataset(
     manifest_file.unlink(missing_ok=True)  # an interrupted rebuild must not look complete
     reports = read_reports(reports_source)
     filtered = apply_rule_filters(reports)
-    kept = filtered.kept[:limit] if limit is not None else filtered.kept
+    kept, empty = captions_of(filtered.kept, captions)  # all of them (~1 s): `empty` counts the whole set
+    kept = kept[:limit] if limit is not None else kept
 
     # captions, labels, splits
     stats = TagStats()
@@ -199,13 +240,13 @@ def build_embedded_dataset(
     if image_dir.exists():
         shutil.rmtree(image_dir)  # no stale images from an older build
     image_dir.mkdir(parents=True)
-    for r in kept:
+    for r, caption in kept:
         image_id = image_id_of(r)
         rf = parse_report_tags(r.mesh_major)
         stats.add(rf)
         no_tags += not r.mesh_major
         split = split_of(r.report_id)
-        ann = {"image_id": image_id, "caption": r.caption}
+        ann = {"image_id": image_id, "caption": caption}
         annotations.append(ann)
         by_split[split].append(ann)
         labels[image_id] = {"report_id": r.report_id, "split": split, "labels": rf.labels, "tags": r.mesh_major,
@@ -231,6 +272,8 @@ def build_embedded_dataset(
         "source": str(reports_source) if reports_source else "torchxrayvision:data/NLMCXR_reports.tgz",
         "reports_read": len(reports),
         "filter": {"kept": len(filtered.kept), "dropped": filtered.dropped},
+        "captions": caption_id,
+        "empty_after_cleaning": empty,
         "n_images": len(annotations),
         "splits": {s: len(a) for s, a in by_split.items()},
         "class_counts": class_counts,
@@ -239,7 +282,8 @@ def build_embedded_dataset(
         "tags": stats.to_dict(),
         "build_seconds": round(time.perf_counter() - t0, 2),
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "note": "Synthetic renderings from MeSH tags; captions are real IU X-ray reports (CC BY-NC-ND 4.0).",
+        "note": "Synthetic renderings from MeSH tags; captions are real IU X-ray reports (CC BY-NC-ND 4.0), "
+                f"{'cleaned by data_prep rules' if captions == 'rules' else 'as written'}.",
     }
     _write_json(manifest_file, manifest, indent=1)
     return EmbeddedDataset(out_dir, manifest, reused=False)

@@ -1,6 +1,6 @@
 """How much ROUGE-L can knowing a film's findings buy? A ceiling for the ablation's R-L target (issue 8).
 
-    python benchmarks/labels_only_ceiling.py [--limit 200] [--max-tokens 64] \\
+    python benchmarks/labels_only_ceiling.py [--limit 200] [--max-tokens 64] [--data DATASET_ROOT] \\
         [--out benchmarks/results/labels_only_ceiling.json]
 
 The writer knows only a key of the test film and answers with the medoid train summary of the films that share
@@ -108,6 +108,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-tokens", type=int, default=64, help="cut answers here (the eval's max_new_tokens)")
     parser.add_argument("--resamples", type=int, default=1000)
     parser.add_argument("--row-eval", default=None, help="an ablation row's eval folder to split by normal/abnormal")
+    parser.add_argument("--data", default=None, help="an embedded-format dataset root, e.g. a --captions rules build "
+                                                      "(default: the embedded build)")
     parser.add_argument("--out", default="benchmarks/results/labels_only_ceiling.json")
     args = parser.parse_args(argv)
     from transformers import AutoTokenizer
@@ -120,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
     def cut(text: str) -> str:
         return tok.decode(tok(text, add_special_tokens=False)["input_ids"][: args.max_tokens])
 
-    root = Path(build_embedded_dataset().root)
+    root = Path(args.data) if args.data else Path(build_embedded_dataset().root)
     labels = json.loads((root / "labels.json").read_text(encoding="utf-8"))
     classes, images = labels["classes"], labels["images"]
 
@@ -177,8 +179,8 @@ def main(argv: list[str] | None = None) -> dict:
     built = [cut(with_findings(normal, images[i]["tags"])) for i in ids]
     rows["normal_answer_with_tag_sentences"] = score_row("normal_answer_with_tag_sentences", built, None)
     normal_everywhere = rouge_per_sample(refs, [normal] * len(refs))["rougeL"]
-    result = {"benchmark": "labels_only_ceiling", "test_films": len(test), "max_tokens": args.max_tokens,
-              "train_summaries": len(train), "rows": rows,
+    result = {"benchmark": "labels_only_ceiling", "data": str(root), "test_films": len(test),
+              "max_tokens": args.max_tokens, "train_summaries": len(train), "rows": rows,
               "normal_answer_for_every_film_rougeL": round(float(normal_everywhere.mean()), 4),
               "seconds": round(time.time() - start, 1),
               "machine": {"python": platform.python_version(), "processor": platform.processor() or platform.machine()}}

@@ -1,7 +1,7 @@
 """Build the embedded paired dataset (real IU reports + synthetic films rendered from their MeSH tags).
 
     python scripts/build_embedded_data.py [--out DIR] [--limit N] [--force] [--size 256] [--workers 2] \
-        [--captions rules|raw]
+        [--captions raw|rules]
 
 Reuses a complete build of the same version unless --force. See xraygpt/data/embedded.py for the layout.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from xraygpt.data.embedded import CAPTIONS, EmbeddedDataError, build_embedded_dataset
+from xraygpt.data.embedded import CAPTIONS, DEFAULT_CAPTIONS, EmbeddedDataError, build_embedded_dataset
 from xraygpt.data.reports import ReportSourceError
 
 
@@ -25,9 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--force", action="store_true", help="rebuild even if a complete build exists")
     ap.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
     ap.add_argument("--workers", type=int, default=None, help="render processes (default min(2, CPUs))")
-    ap.add_argument("--captions", choices=CAPTIONS, default="rules",
-                    help="rules (default): the paper's clean summaries via data_prep's offline rules; raw: findings "
-                         "+ impression as written")  # fmt: skip
+    ap.add_argument("--captions", choices=CAPTIONS, default=DEFAULT_CAPTIONS,
+                    help="raw (default): findings + impression as written; rules: the paper's clean summaries via "
+                         "data_prep's offline rules (point a config's data.root at the --out folder)")  # fmt: skip
     args = ap.parse_args(argv)
 
     bar = tqdm(total=0, unit="img", desc="rendering", disable=None)
@@ -49,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     print(("reused" if ds.reused else "built") + f" embedded dataset {m['version']} at {ds.root}")
     print(f"  reports read {m['reports_read']}, kept {f['kept']}; dropped "
           + ", ".join(f"{k} {v}" for k, v in f["dropped"].items()))  # fmt: skip
-    print(f"  captions {m['captions']['kind']} ({m['empty_after_cleaning']} empty after cleaning, dropped)")
+    print(f"  captions {m['captions']['kind']}" + (f" ({m['empty_after_cleaning']} empty after cleaning, dropped)"
+                                                  if m["captions"]["kind"] == "rules" else ""))
     print(f"  images {m['n_images']} ({m['size']} px); splits " + ", ".join(f"{k} {v}" for k, v in m["splits"].items()))
     print(f"  tags: {m['tags']['n_tags']} ({', '.join(f'{k} {v}' for k, v in m['tags']['status'].items())}); "
           f"reports without a usable tag {m['reports_without_label']}")  # fmt: skip

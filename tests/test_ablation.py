@@ -201,6 +201,9 @@ def test_tiny_ablation_end_to_end_then_rerun_reuses_everything(ablation_yaml, ca
     stage0_file.write_text(json.dumps(older))
     with pytest.raises(AblationError, match=r"stage0: .*embedded data \(was '1-render2 raw', now '2-render"):
         run_ablation(load_ablation_config(ablation_yaml))
+    del older["identity"]["embedded data"]  # recorded before session 11 (raw captions then, raw by default now)
+    stage0_file.write_text(json.dumps(older))
+    assert all(t["status"] == "reused" for t in run_ablation(load_ablation_config(ablation_yaml))["timings"]["steps"])
     stage0_file.write_text(stage0_text)
 
     # a finished step whose config changed is refused (named), not silently reused; on_changed=redo redoes it

@@ -84,11 +84,23 @@ def test_labels_and_captions(built):
         assert cap == cap.strip() and "  " not in cap and cap
 
 
-def test_captions_are_the_rules_cleaners_summaries(built):
-    """The paper trains on cleaned summaries: each caption is data_prep's `rules` summary of its report."""
+def test_default_captions_are_findings_and_impression_as_written(built):
     reports = {r.report_id: r for r in read_reports()}
     meta = json.loads(built.labels_file.read_text())["images"]
-    anns = json.loads(built.ann_file.read_text())["annotations"]
+    for a in json.loads(built.ann_file.read_text())["annotations"]:
+        assert a["caption"] == reports[meta[a["image_id"]]["report_id"]].caption
+    assert built.manifest["captions"] == {"kind": "raw"} and built.manifest["empty_after_cleaning"] == 0
+
+
+def test_rules_captions_are_the_rules_cleaners_summaries(tmp_path, monkeypatch):
+    """captions="rules": each caption is data_prep's `rules` summary of its report (the paper's clean summaries),
+    in a cache folder of its own; a build made with other rules (cleaners.py edited since) is redone."""
+    monkeypatch.setenv("XRAYGPT_CACHE", str(tmp_path / "cache"))
+    ds = build_embedded_dataset(limit=LIMIT, captions="rules")
+    assert ds.root == tmp_path / "cache" / "embedded_data" / f"{DATA_VERSION}-limit{LIMIT}-rules"
+    reports = {r.report_id: r for r in read_reports()}
+    meta = json.loads(ds.labels_file.read_text())["images"]
+    anns = json.loads(ds.ann_file.read_text())["annotations"]
     changed = 0
     for a in anns:
         r = reports[meta[a["image_id"]]["report_id"]]
@@ -97,20 +109,15 @@ def test_captions_are_the_rules_cleaners_summaries(built):
         changed += a["caption"] != r.caption
     raw_blanks = sum(has_blank(reports[meta[a["image_id"]]["report_id"]].caption) for a in anns)
     assert raw_blanks > 10 and changed >= raw_blanks  # the cleaning did something on these 60 reports
-    assert built.manifest["captions"] == caption_identity("rules")
-    assert built.manifest["captions"]["rules_sha256"] == RulesCleaner().describe()["rules_sha256"]
-    assert built.manifest["empty_after_cleaning"] == 0
-
-
-def test_raw_captions_are_findings_and_impression_as_written(tmp_path, monkeypatch):
-    monkeypatch.setenv("XRAYGPT_CACHE", str(tmp_path / "cache"))
-    ds = build_embedded_dataset(limit=8, captions="raw", workers=1)
-    assert ds.root == tmp_path / "cache" / "embedded_data" / f"{DATA_VERSION}-limit8-raw"
-    assert ds.manifest["captions"] == {"kind": "raw"}
-    reports = {r.report_id: r for r in read_reports()}
-    meta = json.loads(ds.labels_file.read_text())["images"]
-    for a in json.loads(ds.ann_file.read_text())["annotations"]:
-        assert a["caption"] == reports[meta[a["image_id"]]["report_id"]].caption
+    assert ds.manifest["captions"] == caption_identity("rules")
+    assert ds.manifest["captions"]["rules_sha256"] == RulesCleaner().describe()["rules_sha256"]
+    assert ds.manifest["empty_after_cleaning"] == 0
+    assert build_embedded_dataset(limit=LIMIT, captions="rules").reused
+    other = json.loads(ds.manifest_file.read_text())
+    other["captions"]["rules_sha256"] = "0" * 64
+    ds.manifest_file.write_text(json.dumps(other))
+    rebuilt = build_embedded_dataset(limit=LIMIT, captions="rules")
+    assert not rebuilt.reused and rebuilt.manifest["captions"] == caption_identity("rules")
     with pytest.raises(ValueError, match="captions must be one of"):
         build_embedded_dataset(tmp_path / "x", limit=2, captions="clean")
 
@@ -148,12 +155,6 @@ def test_rerun_reuses_and_force_rebuilds(built):
     built.manifest_file.write_text(json.dumps(other))
     rebuilt = build_embedded_dataset(built.root, limit=LIMIT)
     assert not rebuilt.reused and rebuilt.manifest["version"] == DATA_VERSION
-    # so is one whose captions were made with other cleaning rules (data_prep/cleaners.py edited since)
-    other = json.loads(built.manifest_file.read_text())
-    other["captions"]["rules_sha256"] = "0" * 64
-    built.manifest_file.write_text(json.dumps(other))
-    rebuilt = build_embedded_dataset(built.root, limit=LIMIT)
-    assert not rebuilt.reused and rebuilt.manifest["captions"] == caption_identity("rules")
 
 
 def test_force_rebuild_gives_identical_files(tmp_path):
@@ -202,7 +203,9 @@ def test_report_without_tags_renders_as_unlabelled_normal(tmp_path):
     m = ds.manifest
     assert m["filter"] == {"kept": 3, "dropped": {"no_findings": 0, "no_impression": 0, "findings_too_short": 1,
                                                   "impression_too_short": 0}}  # fmt: skip
-    assert m["empty_after_cleaning"] == 1 and m["n_images"] == 2
+    assert m["empty_after_cleaning"] == 0 and m["n_images"] == 3  # raw captions: CXR4 is kept as written
+    cleaned = build_embedded_dataset(tmp_path / "rules", reports_source=src, captions="rules").manifest
+    assert cleaned["empty_after_cleaning"] == 1 and cleaned["n_images"] == 2  # dropped, and counted
     assert m["reports_without_tags"] == 1 and m["reports_without_label"] == 1
     assert m["tags"]["unknown_terms"] == {"sarcoidosis": 1}
     labels = json.loads(ds.labels_file.read_text())["images"]
@@ -210,7 +213,7 @@ def test_report_without_tags_renders_as_unlabelled_normal(tmp_path):
                                    "labelled": False}  # fmt: skip
     assert (ds.image_dir / "CXR1_IM-1.png").read_bytes() == render_png_bytes("CXR1", [])
     assert labels["CXR2_IM-1"]["labels"][CHEXPERT_CLASSES.index("Cardiomegaly")] == 1
-    assert ann_ids(ds.ann_file) == ["CXR1_IM-1", "CXR2_IM-1"]
+    assert ann_ids(ds.ann_file) == ["CXR1_IM-1", "CXR2_IM-1", "CXR4_IM-1"]
 
 
 def test_worker_processes_write_the_same_bytes(tmp_path):

@@ -57,6 +57,7 @@ STEP_RECORD = "ablation_step.json"
 ENCODER_CHOICES = ("random", "stage0")  # or a path to an encoder checkpoint
 ISOLATION = ("subprocess", "inprocess")
 ON_CHANGED = ("error", "redo")
+EMBEDDED_DATA = "embedded data"  # identity key: the embedded dataset's version and caption rules
 # Labels for the metric keys the eval tables write (xraygpt.eval.tables.MAIN_COLUMNS); others show as their key.
 LABELS = {"rouge1": "R-1", "rouge2": "R-2", "rougeL": "R-L", "rougeL_coco": "R-L (COCO)", "bleu4": "B-4",
           "meteor": "METEOR", "cider": "CIDEr", "ce_micro_f1_14": "CE F1 micro-14", "ce_macro_f1_14": "CE F1 macro-14",
@@ -484,9 +485,9 @@ def _identity(step: Step) -> dict[str, Any]:
     if _reads_embedded_data(full):
         from xraygpt.data.embedded import data_identity
 
-        out["embedded data"] = data_identity()  # its version and caption rules: new captions, new artefacts
-    for dep in step.deps:
-        text = json.dumps(_identity(dep), sort_keys=True)
+        out[EMBEDDED_DATA] = data_identity()  # its version and caption rules: new captions, new artefacts
+    for dep in step.deps:  # (the data's identity is left out here: each step that reads the data carries its own)
+        text = json.dumps({k: v for k, v in _identity(dep).items() if k != EMBEDDED_DATA}, sort_keys=True)
         out[f"input {dep.key}"] = hashlib.sha256(text.encode()).hexdigest()[:16]
     return out
 
@@ -504,6 +505,8 @@ def _changed(step: Step, record: dict[str, Any] | None) -> str | None:
         return None  # made by hand, or by an older version: trusted as it is
     # records of older versions list keys at their default too; compare like with like
     want, have = _identity(step), _without_defaults(record.get("identity", {}), _defaults(step))
+    if EMBEDDED_DATA not in have:  # recorded before the data's identity was (the raw captions of then, as now)
+        want.pop(EMBEDDED_DATA, None)
     diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
     if not diff:
         return _remade_input(step, record)

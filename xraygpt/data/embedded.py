@@ -1,10 +1,10 @@
 """Build the embedded paired dataset: real IU reports + one synthetic film per report, in XrayGPT's layout.
 
     <out>/image/<image_id>.png         rendered from the report's MeSH tags only (xraygpt.data.render)
-    <out>/filter_cap.json              {"annotations": [{"image_id", "caption"}]}, caption = the report's findings +
-                                       impression, cleaned as the paper's summaries are (data_prep's offline
-                                       `rules` cleaner: no comparisons with prior studies, no XXXX blanks, no
-                                       view mentions, impression sentences already in the findings not repeated)
+    <out>/filter_cap.json              {"annotations": [{"image_id", "caption"}]}, caption = findings + impression
+                                       as written (default), or with captions="rules" cleaned as the paper's
+                                       summaries are (data_prep's offline `rules` cleaner: no comparisons with
+                                       prior studies, no XXXX blanks, no view mentions, no repeated impression)
     <out>/splits/{train,val,test}.json same format; split by a hash of the report id (~70/10/20)
     <out>/labels.json                  {"classes": [14 CheXpert names], "images": {image_id: {labels, tags, ...}}}
     <out>/manifest.json                counts, versions, build time; written last, so it marks a complete build
@@ -34,7 +34,10 @@ from xraygpt.data.render import DEFAULT_SIZE, RENDER_VERSION, render_png_bytes
 from xraygpt.data.reports import Report, apply_rule_filters, read_reports
 
 DATA_VERSION = f"2-render{RENDER_VERSION}"  # bump on any change to the layout, captions, labels or splits
-CAPTIONS = ("rules", "raw")  # rules: the paper's clean summaries, offline; raw: findings + impression as written
+CAPTIONS = ("raw", "rules")  # raw: findings + impression as written; rules: the paper's clean summaries, offline
+# The default stays raw: with rules captions the ablation's radiology LLM (LoRA, 100 steps) learned to ignore the
+# findings in its slot and the +RadLLM row wrote normal reports for every film (README, "The ablation", session 11).
+DEFAULT_CAPTIONS = "raw"
 SPLITS = {"train": 0.7, "val": 0.1, "test": 0.2}
 SHEET_CLASSES = (  # the contact sheet shows one film per class first, then fills up
     "No Finding", "Cardiomegaly", "Pleural Effusion", "Pneumothorax", "Lung Opacity", "Consolidation",
@@ -97,15 +100,15 @@ def image_id_of(report: Report) -> str:
     return report.image_ids[0] if report.image_ids else report.report_id
 
 
-def default_out_dir(limit: int | None = None, size: int = DEFAULT_SIZE, captions: str = "rules") -> Path:
+def default_out_dir(limit: int | None = None, size: int = DEFAULT_SIZE, captions: str = DEFAULT_CAPTIONS) -> Path:
     from xraygpt.assets import cache_dir
 
     name = DATA_VERSION + (f"-s{size}" if size != DEFAULT_SIZE else "") + (f"-limit{limit}" if limit else "") + \
-        ("" if captions == "rules" else f"-{captions}")
+        ("" if captions == DEFAULT_CAPTIONS else f"-{captions}")
     return cache_dir("embedded_data", name)
 
 
-def caption_identity(captions: str = "rules") -> dict[str, str]:
+def caption_identity(captions: str = DEFAULT_CAPTIONS) -> dict[str, str]:
     """What the captions of a build are made with: a build is reused only when this still matches, so a change
     to the cleaning rules (data_prep/cleaners.py) rebuilds the data, and the steps trained on it notice."""
     if captions not in CAPTIONS:
@@ -117,7 +120,7 @@ def caption_identity(captions: str = "rules") -> dict[str, str]:
     return {"kind": "rules", "rules_sha256": RulesCleaner().describe()["rules_sha256"]}
 
 
-def data_identity(captions: str = "rules") -> str:
+def data_identity(captions: str = DEFAULT_CAPTIONS) -> str:
     """One string naming the embedded data's version and caption rules (for step records that depend on it)."""
     ident = caption_identity(captions)
     return f"{DATA_VERSION} {ident['kind']}" + (f" {ident['rules_sha256'][:16]}" if "rules_sha256" in ident else "")
@@ -191,18 +194,18 @@ def build_embedded_dataset(
     workers: int | None = None,
     reports_source: Path | None = None,
     progress: Callable[[int, int], None] | None = None,
-    captions: str = "rules",
+    captions: str = DEFAULT_CAPTIONS,
 ) -> EmbeddedDataset:
     """Build (or reuse) the embedded dataset and return where it is.
 
-    out_dir: default `cache_dir("embedded_data", <version>[-limit<N>][-raw])`.
+    out_dir: default `cache_dir("embedded_data", <version>[-limit<N>][-rules])`.
     limit: keep only the first N reports that pass the filters and cleaning (fast builds for tests).
     force: rebuild even when a complete build with the same version is present.
     workers: render processes (default: min(2, CPUs); 1 renders in this process).
     reports_source: report tgz or folder (default: the IU tgz from the torchxrayvision wheel).
     progress: called as progress(done, total) while rendering.
-    captions: "rules" (default) cleans each caption as the paper's summaries (see the module docstring); "raw"
-        keeps findings + impression as written (XXXX blanks and comparisons included).
+    captions: "raw" (default) keeps findings + impression as written (XXXX blanks and comparisons included);
+        "rules" cleans each caption as the paper's summaries (see the module docstring).
     """
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")

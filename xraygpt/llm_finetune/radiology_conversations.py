@@ -134,12 +134,18 @@ def _listed(items: list[str]) -> str:
     return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
 
 
+def findings_phrase(rec: ReportRecord) -> str:
+    """What a write-up's slot says: the film's CheXpert findings in words ("cardiomegaly and edema"), or "no
+    abnormality"."""
+    found = [c.lower() for c in rec.positives if c != "No Finding"]
+    return _listed(found) if found else "no abnormality"
+
+
 def write_up_for(rec: ReportRecord, seed: int) -> dict[str, Any] | None:
     """The report summary written from the film's labelled findings; None for an unlabelled report."""
     if not rec.labelled or not rec.positives:
         return None
-    found = [c.lower() for c in rec.positives if c != "No Finding"]
-    findings = _listed(found) if found else "no abnormality"
+    findings = findings_phrase(rec)
     rng = random.Random(f"radiology-write{CONV_VERSION}:{seed}:{rec.image_id}")
     request = rng.choice(_vision_instructions()).replace(IMAGE_PLACEHOLDER, findings)
     return {"id": rec.image_id + WRITE_SUFFIX,

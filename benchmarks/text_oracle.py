@@ -1,7 +1,7 @@
 """Does a fine-tuned LLM write what its slot says? The text oracle for the ablation's radiology LLM (issue 8).
 
     python benchmarks/text_oracle.py --llm outputs/ablation/embedded/llm/radiology/final [DIR ...] \\
-        [--data DATASET_ROOT] [--limit 96] [--out benchmarks/results/text_oracle.json]
+        [--data DATASET_ROOT] [--limit 96] [--guidance 1] [--out benchmarks/results/text_oracle.json]
 
 The LLM alone, no image: each validation film's CheXpert findings are put into the slot as words, exactly as the
 write-up conversations it was fine-tuned on put them (`<Img>cardiomegaly and edema</Img> Describe ...`), and it
@@ -9,8 +9,9 @@ writes greedily (64 new tokens, repetition penalty 1.1, float32: the eval's sett
 another film's findings (the eval's derangement) as the control. An LLM that reads its slot scores a higher
 CheXpert-14 micro-F1 (rules labeler) with the film's own findings; one that writes the same normal report
 whatever the slot says scores the same twice. The vision rows can only steer an LLM through that slot, so this
-is the first thing to check about a radiology fine-tune. Films: the first `limit` labelled validation films
-with findings. Writes numbers only (the IU reports are CC BY-NC-ND).
+is the first thing to check about a radiology fine-tune. `--guidance s` decodes each token from
+l(empty slot) + s (l(slot) - l(empty slot)), the text twin of the eval's `generation.image_guidance`. Films: the
+first `limit` labelled validation films with findings. Writes numbers only (the IU reports are CC BY-NC-ND).
 """
 
 from __future__ import annotations
@@ -48,9 +49,14 @@ def micro_f1(references: Sequence[str], predictions: Sequence[str]) -> float:
 
 
 @torch.no_grad()
-def write(llm_dir: str | Path, slots: Sequence[str], batch_size: int = 16, max_new_tokens: int = 64) -> list[str]:
-    """Greedy answers of the LLM in `llm_dir` to one prompt per slot text, cut at the template's end marker."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def write(llm_dir: str | Path, slots: Sequence[str], batch_size: int = 16, max_new_tokens: int = 64,
+          guidance: float = 1.0) -> list[str]:
+    """Greedy answers of the LLM in `llm_dir` to one prompt per slot text, cut at the template's end marker. With
+    `guidance` != 1 each step decodes l(empty slot) + s * (l(slot) - l(empty slot)), as the eval's image guidance
+    does with a null image."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessorList
+
+    from xraygpt.model import ImageGuidance
 
     tok = AutoTokenizer.from_pretrained(llm_dir)
     tok.padding_side = "left"
@@ -59,23 +65,27 @@ def write(llm_dir: str | Path, slots: Sequence[str], batch_size: int = 16, max_n
     end = get_template("xraygpt").end_sym
     out: list[str] = []
     bos = [tok.bos_token_id] if tok.bos_token_id is not None else []  # as the fine-tune's sequences start
+    processors = LogitsProcessorList([] if guidance == 1.0 else [ImageGuidance(guidance)])
     for i in range(0, len(slots), batch_size):
-        prompts = [bos + tok(slot_prompt(s), add_special_tokens=False).input_ids for s in slots[i:i + batch_size]]
+        chunk = list(slots[i:i + batch_size])
+        chunk += [""] * (len(chunk) if guidance != 1.0 else 0)  # the null rows: the same prompt, an empty slot
+        prompts = [bos + tok(slot_prompt(s), add_special_tokens=False).input_ids for s in chunk]
         n = max(map(len, prompts))  # left padding: every answer starts at column n
         input_ids = torch.tensor([[tok.pad_token_id] * (n - len(p)) + p for p in prompts])
         attention_mask = torch.tensor([[0] * (n - len(p)) + [1] * len(p) for p in prompts])
         ids = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                             do_sample=False, repetition_penalty=1.1, pad_token_id=tok.pad_token_id)  # fmt: skip
+                             do_sample=False, repetition_penalty=1.1, pad_token_id=tok.pad_token_id,
+                             logits_processor=processors)[: len(prompts) // (1 if guidance == 1.0 else 2)]  # fmt: skip
         out += [tok.decode(row[n:], skip_special_tokens=True).split(end)[0].strip() for row in ids]
     return out
 
 
-def score(llm_dir: str | Path, records: Sequence[ReportRecord]) -> dict:
+def score(llm_dir: str | Path, records: Sequence[ReportRecord], guidance: float = 1.0) -> dict:
     refs = [r.caption for r in records]
-    own = write(llm_dir, [findings_phrase(r) for r in records])
+    own = write(llm_dir, [findings_phrase(r) for r in records], guidance=guidance)
     perm = derangement(len(records), 0)
-    other = write(llm_dir, [findings_phrase(records[j]) for j in perm])
-    return {"llm": str(llm_dir), "films": len(records),
+    other = write(llm_dir, [findings_phrase(records[j]) for j in perm], guidance=guidance)
+    return {"llm": str(llm_dir), "films": len(records), "guidance": guidance,
             "ce_micro_f1_14_own": round(micro_f1(refs, own), 4),
             "ce_micro_f1_14_other": round(micro_f1(refs, other), 4),
             "rougeL_own": round(float(rouge_per_sample(refs, own)["rougeL"].mean()), 4),
@@ -88,6 +98,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--llm", nargs="+", required=True, help="fine-tuned LLM folders (HF format)")
     parser.add_argument("--data", default=None, help="an embedded-format dataset root (default: the embedded build)")
     parser.add_argument("--limit", type=int, default=96, help="first N labelled validation films with findings")
+    parser.add_argument("--guidance", type=float, default=1.0,
+                        help="slot guidance against an empty slot (1 = off), as the eval's generation.image_guidance")
     parser.add_argument("--out", default="benchmarks/results/text_oracle.json")
     args = parser.parse_args(argv)
     start = time.time()
@@ -100,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"error: no labelled validation film in {args.data}/splits/val.json")
     rows = []
     for llm in args.llm:
-        rows.append(score(llm, records))
+        rows.append(score(llm, records, args.guidance))
         r = rows[-1]
         print(f"{llm}: CheXpert-14 own {r['ce_micro_f1_14_own']:.3f} vs other {r['ce_micro_f1_14_other']:.3f}; "
               f"R-L {r['rougeL_own']:.3f} vs {r['rougeL_other']:.3f}; {r['distinct_reports_own']} distinct reports",

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import REPO
 
 from xraygpt.llm_finetune.radiology_conversations import ReportRecord, findings_phrase, load_records, write_up_for
@@ -57,3 +58,33 @@ def test_runs_end_to_end_on_a_tiny_llm(tmp_path, tiny_llm_dir):
         for name in ("labels.json", "manifest.json"):
             (empty / name).write_text(Path(root, name).read_text())
         text_oracle.main(["--llm", str(tiny_llm_dir), "--data", str(empty), "--out", str(out)])
+
+
+def _first_token_logprobs(model, tok, slot: str) -> torch.Tensor:
+    """log-softmax of the next-token scores after the slot prompt, repetition penalty 1.1 applied as HF does."""
+    ids = [tok.bos_token_id] + tok(text_oracle.slot_prompt(slot), add_special_tokens=False).input_ids
+    with torch.no_grad():
+        scores = model(torch.tensor([ids])).logits[0, -1].float()
+    seen = torch.tensor(sorted(set(ids)))
+    s = scores[seen]
+    scores[seen] = torch.where(s < 0, s * 1.1, s / 1.1)
+    return torch.log_softmax(scores, -1)
+
+
+def test_slot_guidance_decodes_null_plus_scale_times_the_slots_shift(tiny_llm_dir):
+    """--guidance s: each answer's first token is argmax l(empty slot) + s (l(slot) - l(empty slot)), computed here
+    by separate forward passes; the null rows never reach the answers."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llm_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llm_dir, dtype=torch.float32).eval()
+    slots = ["cardiomegaly and edema", "no abnormality", "pneumothorax"]
+    null = _first_token_logprobs(model, tok, "")
+    expected = {}
+    for scale in (1.0, 4.0):
+        firsts = [int((null + scale * (_first_token_logprobs(model, tok, s) - null)).argmax()) for s in slots]
+        expected[scale] = [tok.decode([t], skip_special_tokens=True).strip() for t in firsts]
+        got = text_oracle.write(tiny_llm_dir, slots, batch_size=2, max_new_tokens=1, guidance=scale)
+        assert got == expected[scale]
+    assert expected[4.0] != expected[1.0]  # the scale changes the answer: the test can tell guidance from none

@@ -77,6 +77,21 @@ def test_evaluate_writes_tables_with_control(model_dir, toy_data, tmp_path):  # 
     assert 0.0 <= report["runs"][0]["metrics"]["rouge1"]["value"] <= 1.0
 
 
+def test_evaluate_uses_a_given_model_instead_of_loading_ckpt(model_dir, toy_data, tmp_path):  # noqa: F811
+    from xraygpt.eval.generate import load_model
+
+    loaded = read(generate_predictions(cfg(model_dir, toy_data, tmp_path / "from_ckpt")))
+    model = load_model(model_dir)
+    evaluate(cfg(model_dir, toy_data, tmp_path / "same"), model=model)
+    assert [r["prediction"] for r in read(tmp_path / "same" / "predictions.jsonl")] == \
+        [r["prediction"] for r in loaded]
+    with torch.no_grad():
+        model.llama_proj.weight.mul_(-3.0)  # an in-memory change that the folder does not have
+    evaluate(cfg(tmp_path / "no_such_ckpt", toy_data, tmp_path / "changed"), model=model)
+    changed = [r["prediction"] for r in read(tmp_path / "changed" / "predictions.jsonl")]
+    assert changed != [r["prediction"] for r in loaded]
+
+
 def test_checkpoint_for_another_llm_width_names_both(toy_data, tmp_path, tiny_llm_dir):  # noqa: F811
     import torch
 

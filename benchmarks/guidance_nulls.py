@@ -10,7 +10,8 @@ every finding: not a film the model ever saw. This benchmark swaps in two in-dis
 - `mean`: the mean feature of all train films;
 - `normal`: the mean feature of the train films labelled "No Finding" (labels.json, from the MeSH tags).
 Each spec `null:scale` is evaluated as the ablation evaluates a row (configs/demo/eval.yaml, shuffled-image control,
-ROUGE + CheXpert with paired bootstrap) on the first `limit` validation films. It also splits R-L by the film's
+ROUGE + CheXpert with paired bootstrap) on the first `limit` validation films; a rerun with the same `--workdir`
+re-scores the predictions already there instead of generating them again. It also splits R-L by the film's
 label (normal / abnormal), which shows where the R-L gap comes from. Writes numbers only (the IU reports are
 CC BY-NC-ND).
 """
@@ -124,11 +125,11 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = dataclasses.replace(base, output_dir=str(run_dir), generation=dataclasses.replace(
             base.generation, image_guidance=scale))
         report = evaluate(cfg, model=model)
-        paired = report["paired"][0]["metrics"]  # shuffled minus matched
+        paired = report["paired"][0]["metrics"]  # a: the shuffled run, b: the matched one, delta = a - b
         row = {"null": name, "scale": scale, "seconds": round(time.perf_counter() - t0, 1)}
         for key, metric in (("rougeL", "rougeL"), ("ce_micro_f1_14", "ce_micro_f1_14")):
             p = paired[metric]
-            row[key] = {"matched": round(p["a"], 4), "shuffled": round(p["b"], 4), "gap": round(-p["delta"], 4),
+            row[key] = {"matched": round(p["b"], 4), "shuffled": round(p["a"], 4), "gap": round(-p["delta"], 4),
                         "ci": [round(-p["ci_high"], 4), round(-p["ci_low"], 4)]}
         row["rougeL_by_label"] = rouge_by_label(run_dir, labels)
         results.append(row)

@@ -1,7 +1,7 @@
 """Which null image should image guidance contrast against? A by-hand comparison on validation films (issue 8).
 
     python benchmarks/guidance_nulls.py [--ckpt outputs/ablation/embedded/rows/radllm/stage2] [--limit 200] \\
-        [--specs zeros:2 mean:2 normal:2 normal:3] [--out benchmarks/results/guidance_nulls.json]
+        [--specs zeros:2 zeros:3 mean:2 normal:2 normal:3] [--out benchmarks/results/guidance_nulls.json]
 
 `generation.image_guidance=s` decodes each token from l(null) + s (l(film) - l(null)). The shipped null is zero
 image features. With the ablation's `encoder.feature=labels` zero means every finding logit at 0, i.e. 50% of
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--eval-cfg", default="configs/demo/eval.yaml")
     parser.add_argument("--split", default="splits/val.json", help="never the test split: this picks a setting")
     parser.add_argument("--limit", type=int, default=200)
-    parser.add_argument("--specs", nargs="+", default=["zeros:2", "mean:2", "normal:2", "normal:3"],
+    parser.add_argument("--specs", nargs="+", default=["zeros:2", "zeros:3", "mean:2", "normal:2", "normal:3"],
                         help="null:scale pairs, null one of " + ", ".join(NULLS))
     parser.add_argument("--workdir", default="outputs/bench/guidance_nulls", help="predictions go here")
     parser.add_argument("--out", default="benchmarks/results/guidance_nulls.json")

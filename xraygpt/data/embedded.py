@@ -36,7 +36,8 @@ from xraygpt.data.reports import Report, apply_rule_filters, read_reports
 DATA_VERSION = f"2-render{RENDER_VERSION}"  # bump on any change to the layout, captions, labels or splits
 CAPTIONS = ("raw", "rules")  # raw: findings + impression as written; rules: the paper's clean summaries, offline
 # The default stays raw: with rules captions the ablation's radiology LLM (LoRA, 100 steps) learned to ignore the
-# findings in its slot and the +RadLLM row wrote normal reports for every film (README, "The ablation", session 11).
+# findings in its slot and the +RadLLM row wrote normal reports for every film (benchmarks/ablation_history.md,
+# session 11).
 DEFAULT_CAPTIONS = "raw"
 SPLITS = {"train": 0.7, "val": 0.1, "test": 0.2}
 SHEET_CLASSES = (  # the contact sheet shows one film per class first, then fills up

@@ -11,7 +11,7 @@ also gives a one-turn write-up in the vision stages' prompt form, `<Img>{finding
 film's findings named from its manual MeSH labels where the image tokens will go, and the report summary as the
 answer. It teaches the LLM two things the vision stages need: to write a whole report, and to take its content
 from the <Img> slot. Without it a frozen 135M LLM did not learn to use the image slot in stage 1 even when that
-slot held the true labels (README, "The ablation"). The choice of
+slot held the true labels (benchmarks/ablation_history.md). The choice of
 questions is a function of (seed, image id), so a rebuild gives the same file whatever the order or machine.
 
 The IU reports are CC BY-NC-ND: the output goes to a cache or run folder, never into the repository.

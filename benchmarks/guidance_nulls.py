@@ -27,12 +27,12 @@ import types
 from pathlib import Path
 
 import torch
+from labels_only_ceiling import row_split  # benchmarks/ is on sys.path when this runs as a script
 
 from xraygpt.config import load_config
 from xraygpt.data.dataset import CaptionDataset
 from xraygpt.data.image_processing import ImageTransform
 from xraygpt.eval.generate import EvalConfig, load_model, resolve_split
-from xraygpt.eval.rouge import rouge_per_sample
 from xraygpt.eval.run import evaluate
 from xraygpt.model import XrayGPT
 
@@ -40,16 +40,15 @@ NULLS = ("zeros", "mean", "normal")
 
 
 @torch.no_grad()
-def train_nulls(model: XrayGPT, root: Path, batch_size: int = 64) -> dict[str, torch.Tensor]:
-    """The candidate null features (1, T, D_img), from the train split's films."""
-    labels = json.loads((root / "labels.json").read_text())["images"]
+def train_nulls(model: XrayGPT, root: Path, images: dict, batch_size: int = 64) -> dict[str, torch.Tensor]:
+    """The candidate null features (1, T, D_img), from the train split's films (`images`: labels.json's)."""
     ds = CaptionDataset(root, root / "splits/train.json", transform=ImageTransform(model.encoder.processing,
                                                                                    train=False))
     feats, normal = [], []
     for start in range(0, len(ds), batch_size):
         idx = range(start, min(start + batch_size, len(ds)))
         feats.append(model.get_image_features(torch.stack([ds[i]["image"] for i in idx])).float())
-        normal += [labels[ds.record(i)["image_id"]]["labels"][0] == 1 for i in idx]
+        normal += [images[ds.record(i)["image_id"]]["labels"][0] == 1 for i in idx]
     feats = torch.cat(feats)  # (N, T, D_img)
     is_normal = torch.tensor(normal)
     return {"zeros": torch.zeros_like(feats[:1]), "mean": feats.mean(0, keepdim=True),
@@ -58,38 +57,7 @@ def train_nulls(model: XrayGPT, root: Path, batch_size: int = 64) -> dict[str, t
 
 def use_null(model: XrayGPT, null: torch.Tensor) -> None:
     """Make this model instance's guidance contrast against `null` (1, T, D_img) instead of zero features."""
-
-    def generate_from_ids(self, input_ids, attention_mask, image_embeds, gen):
-        n = input_ids.shape[0]
-        inputs_embeds = self.merge_image_features(input_ids, image_embeds)  # (B, L, D)
-        if gen.image_guidance != 1.0:
-            null_embeds = self.project(null.expand(n, -1, -1))  # (B, T, D)
-            inputs_embeds = torch.cat([inputs_embeds, self.merge_image_features(input_ids, null_embeds)])
-            attention_mask = torch.cat([attention_mask, attention_mask])
-        return self.generate_from_embeds(inputs_embeds, attention_mask, gen)[:n]
-
-    model.generate_from_ids = types.MethodType(generate_from_ids, model)
-
-
-def rouge_by_label(run_dir: Path, labels: dict) -> dict[str, dict[str, float]]:
-    """Mean R-L matched vs shuffled, by the film's label."""
-    out: dict[str, dict[str, float]] = {}
-    per_part = {}
-    for part, sub in (("matched", run_dir), ("shuffled", run_dir / "control")):
-        rows = [json.loads(line) for line in (sub / "predictions.jsonl").read_text().splitlines() if line]
-        scores = rouge_per_sample([r["reference"] for r in rows], [r["prediction"] for r in rows])["rougeL"]
-        per_part[part] = dict(zip([r["image_id"] for r in rows], scores.tolist()))
-    for group in ("normal", "abnormal", "unlabelled"):
-        def member(image_id: str) -> bool:
-            lab = labels[image_id]
-            kind = "unlabelled" if not lab["labelled"] else ("normal" if lab["labels"][0] else "abnormal")
-            return kind == group
-        ids = [i for i in per_part["matched"] if member(i)]
-        if ids:
-            m = sum(per_part["matched"][i] for i in ids) / len(ids)
-            s = sum(per_part["shuffled"][i] for i in ids) / len(ids)
-            out[group] = {"n": len(ids), "matched": round(m, 4), "shuffled": round(s, 4), "gap": round(m - s, 4)}
-    return out
+    model.null_image_embeds = types.MethodType(lambda self, n, like: self.project(null.expand(n, -1, -1)), model)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -115,8 +83,8 @@ def main(argv: list[str] | None = None) -> dict:
                                                    f"data.limit={args.limit}", "metrics=[rouge,clinical]",
                                                    "control=true", "progress=false"])
     root, _ = resolve_split(base)
-    labels = json.loads((root / "labels.json").read_text())["images"]
-    nulls = train_nulls(model, root)
+    images = json.loads((root / "labels.json").read_text())["images"]
+    nulls = train_nulls(model, root, images)
     results = []
     for name, scale in specs:
         t0 = time.perf_counter()
@@ -131,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
             p = paired[metric]
             row[key] = {"matched": round(p["b"], 4), "shuffled": round(p["a"], 4), "gap": round(-p["delta"], 4),
                         "ci": [round(-p["ci_high"], 4), round(-p["ci_low"], 4)]}
-        row["rougeL_by_label"] = rouge_by_label(run_dir, labels)
+        row["rougeL_by_label"] = row_split(run_dir, images)
         results.append(row)
         print(f"{name}:{scale:g}  R-L {row['rougeL']['matched']:.3f} vs {row['rougeL']['shuffled']:.3f} "
               f"gap {row['rougeL']['gap']:+.3f}  CE-14 {row['ce_micro_f1_14']['matched']:.3f} vs "

@@ -80,8 +80,9 @@ def with_findings(normal: str, tags: Sequence[str]) -> str:
     return " ".join([*head[:2], *found, *head[2:]])
 
 
-def row_split(eval_dir: Path, images: dict, normal: str) -> dict:
-    """A row's R-L on normal and abnormal films, matched and shuffled, beside the normal answer for every film."""
+def row_split(eval_dir: Path, images: dict, normal: str | None = None) -> dict:
+    """A row's R-L on normal and abnormal films, matched and shuffled (and their gap), beside the normal answer
+    for every film when `normal` is given."""
     own = read_predictions(eval_dir / "predictions.jsonl")
     ctrl = read_predictions(eval_dir / "control" / "predictions.jsonl")
     if own.ids != ctrl.ids:
@@ -89,7 +90,7 @@ def row_split(eval_dir: Path, images: dict, normal: str) -> dict:
     refs = own.references
     matched = rouge_per_sample(refs, own.predictions)["rougeL"]
     shuffled = rouge_per_sample(refs, ctrl.predictions)["rougeL"]
-    template = rouge_per_sample(refs, [normal] * len(refs))["rougeL"]
+    template = rouge_per_sample(refs, [normal] * len(refs))["rougeL"] if normal is not None else None
     kind = np.array(["unlabelled" if not images[i]["labelled"] else "normal" if images[i]["labels"][0] else "abnormal"
                      for i in own.ids])
     out = {}
@@ -98,7 +99,9 @@ def row_split(eval_dir: Path, images: dict, normal: str) -> dict:
         if m.any():
             out[k] = {"films": int(m.sum()), "rougeL_matched": round(float(matched[m].mean()), 4),
                       "rougeL_shuffled": round(float(shuffled[m].mean()), 4),
-                      "rougeL_normal_answer": round(float(template[m].mean()), 4)}
+                      "rougeL_gap": round(float(matched[m].mean() - shuffled[m].mean()), 4)}
+            if template is not None:
+                out[k]["rougeL_normal_answer"] = round(float(template[m].mean()), 4)
     return out
 
 

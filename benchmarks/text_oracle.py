@@ -68,14 +68,15 @@ def write(llm_dir: str | Path, slots: Sequence[str], batch_size: int = 16, max_n
     processors = LogitsProcessorList([] if guidance == 1.0 else [ImageGuidance(guidance)])
     for i in range(0, len(slots), batch_size):
         chunk = list(slots[i:i + batch_size])
-        chunk += [""] * (len(chunk) if guidance != 1.0 else 0)  # the null rows: the same prompt, an empty slot
+        n_real = len(chunk)
+        chunk += [""] * (n_real if guidance != 1.0 else 0)  # the null rows: the same prompt, an empty slot
         prompts = [bos + tok(slot_prompt(s), add_special_tokens=False).input_ids for s in chunk]
         n = max(map(len, prompts))  # left padding: every answer starts at column n
         input_ids = torch.tensor([[tok.pad_token_id] * (n - len(p)) + p for p in prompts])
         attention_mask = torch.tensor([[0] * (n - len(p)) + [1] * len(p) for p in prompts])
         ids = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
                              do_sample=False, repetition_penalty=1.1, pad_token_id=tok.pad_token_id,
-                             logits_processor=processors)[: len(prompts) // (1 if guidance == 1.0 else 2)]  # fmt: skip
+                             logits_processor=processors)[:n_real]  # fmt: skip
         out += [tok.decode(row[n:], skip_special_tokens=True).split(end)[0].strip() for row in ids]
     return out
 

@@ -56,7 +56,10 @@ def test_row_split_scores_a_row_by_the_films_label_beside_the_normal_answer(tmp_
             json.dumps({"image_id": i, "reference": ref, "prediction": pred_of(i) or normal}) + "\n"
             for i, ref, _, _ in films))
     split = ceiling.row_split(tmp_path, images, normal)
-    assert split["normal"] == {"films": 1, "rougeL_matched": 1.0, "rougeL_shuffled": 0.0, "rougeL_normal_answer": 1.0}
+    assert split["normal"] == {"films": 1, "rougeL_matched": 1.0, "rougeL_shuffled": 0.0, "rougeL_gap": 1.0,
+                               "rougeL_normal_answer": 1.0}
+    assert ceiling.row_split(tmp_path, images)["normal"] == {"films": 1, "rougeL_matched": 1.0,
+                                                             "rougeL_shuffled": 0.0, "rougeL_gap": 1.0}
     assert split["abnormal"]["films"] == 1 and split["abnormal"]["rougeL_matched"] == 1.0
     assert split["abnormal"]["rougeL_shuffled"] == split["abnormal"]["rougeL_normal_answer"] == 0.0
     assert split["unlabelled"]["films"] == 1 and split["all"]["films"] == 3

@@ -74,7 +74,6 @@ def _first_token_logprobs(model, tok, slot: str) -> torch.Tensor:
 def test_slot_guidance_decodes_null_plus_scale_times_the_slots_shift(tiny_llm_dir):
     """--guidance s: each answer's first token is argmax l(empty slot) + s (l(slot) - l(empty slot)), computed here
     by separate forward passes; the null rows never reach the answers."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_llm_dir)

@@ -278,10 +278,15 @@ class XrayGPT(nn.Module):
         n = input_ids.shape[0]
         inputs_embeds = self.merge_image_features(input_ids, image_embeds)  # (B, L, D_llm)
         if gen.image_guidance != 1.0:  # rows B..2B-1: the same prompts with the null image
-            null = self.project(image_embeds.new_zeros(n, self.num_image_tokens, self.encoder.hidden_size))
+            null = self.null_image_embeds(n, image_embeds)  # (B, T, D_llm)
             inputs_embeds = torch.cat([inputs_embeds, self.merge_image_features(input_ids, null)])  # (2B, L, D)
             attention_mask = torch.cat([attention_mask, attention_mask])  # (2B, L)
         return self.generate_from_embeds(inputs_embeds, attention_mask, gen)[:n]
+
+    def null_image_embeds(self, n: int, like: torch.Tensor) -> torch.Tensor:
+        """(n, T, D_llm): what image guidance contrasts a film against, zero image features (the projection's bias
+        alone); `like` gives the device and dtype."""
+        return self.project(like.new_zeros(n, self.num_image_tokens, self.encoder.hidden_size))
 
     def generate_from_embeds(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
                              gen: GenerationConfig) -> list[str]:

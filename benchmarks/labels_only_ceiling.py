@@ -9,7 +9,8 @@ larger groups). An unseen key backs off to the film's CheXpert set, then to the 
 coarse to fine: the CheXpert-14 label set (what the ablation's image token carries), the set with each finding's
 side, the MeSH terms, the raw MeSH tags. One more writer builds its answer instead of picking it:
 the "No Finding" answer with one plain sentence per abnormal MeSH tag put after its second sentence ("There is
-calcified granuloma in the right upper lobe."), the shape of report that R-L rewards when a film has a finding.
+calcified granuloma in the right upper lobe."), the shape of report that R-L rewards when a film has a finding;
+and its twin built from the CheXpert-14 set alone ("There is cardiomegaly."), which tells the shape from the content.
 Scored as the ablation scores a row: ROUGE-L F1 on the first `limit` test films, each film's own key vs the key of
 the film the shuffled-image control gives it (the eval's derangement), answers cut at `max_tokens` tokens of
 SmolLM2's tokenizer (the eval's max_new_tokens). The gap has a paired 95% bootstrap interval.
@@ -34,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from xraygpt.data.embedded import build_embedded_dataset
-from xraygpt.data.mesh import MeshFinding, parse_tag
+from xraygpt.data.mesh import MeshFinding, finding_phrase, parse_tag
 from xraygpt.eval.generate import EvalConfig, derangement
 from xraygpt.eval.predictions import read_predictions
 from xraygpt.eval.rouge import rouge_per_sample
@@ -66,18 +67,19 @@ def medoid(summaries: Sequence[str], cut: Callable[[str], str], key: str) -> str
 def tag_sentence(f: MeshFinding) -> str | None:
     """One plain sentence naming an abnormal finding, e.g. "There is calcified granuloma in the right upper lobe."
     None for a normal or unindexed tag."""
-    if f.status in ("normal", "no_indexing"):
-        return None
-    what = " ".join([*f.descriptors, f.term])
-    where = " ".join(x for x in (f.laterality, *f.zones) if x)
-    return f"There is {what} in the {where}." if where else f"There is {what}."
+    phrase = finding_phrase(f)
+    return f"There is {phrase}." if phrase else None
+
+
+def with_sentences(normal: str, found: Sequence[str]) -> str:
+    """The normal answer with `found` sentences after its second sentence (unchanged without any)."""
+    head = sentences(normal)
+    return " ".join([*head[:2], *found, *head[2:]])
 
 
 def with_findings(normal: str, tags: Sequence[str]) -> str:
     """The normal answer with a sentence per abnormal tag after its second sentence (unchanged without any)."""
-    found = [s for s in map(tag_sentence, map(parse_tag, tags)) if s]
-    head = sentences(normal)
-    return " ".join([*head[:2], *found, *head[2:]])
+    return with_sentences(normal, [s for s in map(tag_sentence, map(parse_tag, tags)) if s])
 
 
 def row_split(eval_dir: Path, images: dict, normal: str | None = None) -> dict:
@@ -181,6 +183,10 @@ def main(argv: list[str] | None = None) -> dict:
                       **score_row(name, own, n_groups)}
     built = [cut(with_findings(normal, images[i]["tags"])) for i in ids]
     rows["normal_answer_with_tag_sentences"] = score_row("normal_answer_with_tag_sentences", built, None)
+    # the same shape from the label set alone: is it the shape that R-L rewards, or what the sentences say?
+    built14 = [cut(with_sentences(normal, [f"There is {c.lower()}." for c in chexpert(i) if c != "No Finding"]))
+               for i in ids]
+    rows["normal_answer_with_chexpert_sentences"] = score_row("normal_answer_with_chexpert_sentences", built14, None)
     normal_everywhere = rouge_per_sample(refs, [normal] * len(refs))["rougeL"]
     result = {"benchmark": "labels_only_ceiling", "data": str(root), "test_films": len(test),
               "max_tokens": args.max_tokens, "train_summaries": len(train), "rows": rows,

@@ -81,12 +81,12 @@ def write(llm_dir: str | Path, slots: Sequence[str], batch_size: int = 16, max_n
     return out
 
 
-def score(llm_dir: str | Path, records: Sequence[ReportRecord], guidance: float = 1.0) -> dict:
+def score(llm_dir: str | Path, records: Sequence[ReportRecord], guidance: float = 1.0, slot: str = "chexpert") -> dict:
     refs = [r.caption for r in records]
-    own = write(llm_dir, [findings_phrase(r) for r in records], guidance=guidance)
+    own = write(llm_dir, [findings_phrase(r, slot) for r in records], guidance=guidance)
     perm = derangement(len(records), 0)
-    other = write(llm_dir, [findings_phrase(records[j]) for j in perm], guidance=guidance)
-    return {"llm": str(llm_dir), "films": len(records), "guidance": guidance,
+    other = write(llm_dir, [findings_phrase(records[j], slot) for j in perm], guidance=guidance)
+    return {"llm": str(llm_dir), "films": len(records), "guidance": guidance, "slot": slot,
             "ce_micro_f1_14_own": round(micro_f1(refs, own), 4),
             "ce_micro_f1_14_other": round(micro_f1(refs, other), 4),
             "rougeL_own": round(float(rouge_per_sample(refs, own)["rougeL"].mean()), 4),
@@ -101,6 +101,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--limit", type=int, default=96, help="first N labelled validation films with findings")
     parser.add_argument("--guidance", type=float, default=1.0,
                         help="slot guidance against an empty slot (1 = off), as the eval's generation.image_guidance")
+    parser.add_argument("--slot", default="chexpert", choices=["chexpert", "mesh"],
+                        help="what the slot names, as the fine-tune's data.radiology.slot")
     parser.add_argument("--out", default="benchmarks/results/text_oracle.json")
     args = parser.parse_args(argv)
     start = time.time()
@@ -113,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"error: no labelled validation film in {args.data}/splits/val.json")
     rows = []
     for llm in args.llm:
-        rows.append(score(llm, records, args.guidance))
+        rows.append(score(llm, records, args.guidance, args.slot))
         r = rows[-1]
         print(f"{llm}: CheXpert-14 own {r['ce_micro_f1_14_own']:.3f} vs other {r['ce_micro_f1_14_other']:.3f}; "
               f"R-L {r['rougeL_own']:.3f} vs {r['rougeL_other']:.3f}; {r['distinct_reports_own']} distinct reports",

@@ -236,3 +236,27 @@ def test_vit_stage0_config_trains_a_vit_whose_loss_falls(tmp_path):
     enc = build_encoder(EncoderConfig(type="open_clip", name="xray-vit-hybrid", checkpoint=str(result.checkpoint),
                                       feature="labels"))  # fmt: skip
     assert enc(torch.zeros(1, 3, 128, 128)).shape == (1, 64, 28)
+
+
+def test_mesh_label_set_trains_a_finer_head_from_train_tags(tmp_path):
+    """data.label_set=mesh: the head predicts CheXpert-14 plus drawn MeSH findings, sides and zones; classes come
+    from the training split's tags, written beside the run; encoder.feature=labels then reads 2 x that many."""
+    from xraygpt.data.embedded import build_embedded_dataset
+
+    ds = build_embedded_dataset(out_dir=tmp_path / "data", limit=80)
+    cfg = load_config(EncoderPretrainConfig, STAGE0_YAML,
+                      [f"data.root={ds.root}", "data.limit=80", f"run.output_dir={tmp_path / 'run'}",
+                       "run.batch_size=16", "run.epochs=1", "run.progress=false", "data.label_set=mesh",
+                       "data.mesh_min_films=3"])  # fmt: skip
+    result = pretrain_encoder(cfg)
+    derived = json.loads((tmp_path / "run" / "labels_mesh.json").read_text())
+    chexpert = json.loads(ds.labels_file.read_text())["classes"]
+    classes = result.meta["label_classes"]
+    assert classes == derived["classes"] and classes[:14] == chexpert and len(classes) > 20
+    assert any("|right" in c or "|left" in c for c in classes)  # sides became classes
+    assert result.meta["data"]["label_set"] == "mesh"
+    enc = build_encoder(EncoderConfig(type="open_clip", name="xray-vgg-tiny", checkpoint=str(result.checkpoint),
+                                      feature="labels"))  # fmt: skip
+    assert enc.label_classes == classes and enc(torch.zeros(1, 3, 128, 128)).shape == (1, 64, 2 * len(classes))
+    with pytest.raises(ConfigError, match="label_set must be one of"):
+        load_config(EncoderPretrainConfig, STAGE0_YAML, ["data.label_set=mesh14"])

@@ -175,6 +175,31 @@ def test_radiology_conversation_kinds_select_what_is_built(embedded80, tmp_path)
         RadiologySource(kinds=[]).validate()
 
 
+def test_mesh_slot_names_each_drawn_finding_with_side_and_zone(embedded80, tmp_path):
+    rec = rc.ReportRecord("x", "A report.", ("Lung Lesion", "Pleural Effusion"), True,
+                          tags=("Calcified Granuloma/lung/upper lobe/right", "Pleural Effusion/left/small",
+                                "Technical Quality of Image Unsatisfactory", "Calcified Granuloma/lung/upper lobe/right"))
+    assert rc.findings_phrase(rec) == "lung lesion and pleural effusion"
+    # each drawn tag once, in order; image quality is not drawn (the image cannot show it); severity is left out
+    assert rc.findings_phrase(rec, "mesh") == "calcified granuloma in the right upper lobe and pleural effusion in the left"
+    normal = rc.ReportRecord("y", "Clear.", ("No Finding",), True, tags=("normal",))
+    assert rc.findings_phrase(normal, "mesh") == rc.findings_phrase(normal) == "no abnormality"
+    out = tmp_path / "mesh.json"
+    stats = rc.write_radiology_conversations(embedded80.root, "train", out, kinds=["write_up"], slot="mesh")
+    labels = json.loads((embedded80.root / "labels.json").read_text())
+    convs = json.loads(out.read_text())
+    assert stats["slot"] == "mesh" and len(convs) == stats["write_ups"] > 30
+    sided = 0
+    for conv in convs:
+        tags = labels["images"][conv["id"].removesuffix(rc.WRITE_SUFFIX)]["tags"]
+        slot = re.fullmatch(r"<Img>(.*)</Img> .*", conv["conversations"][0]["value"]).group(1)
+        assert slot == rc.findings_phrase(rc.ReportRecord("", "", ("x",), True, tags=tuple(tags)), "mesh")
+        sided += " in the right" in slot or " in the left" in slot
+    assert sided > 5  # sides reach the slot
+    with pytest.raises(ValueError, match=r"slot 'words': choose one of \['chexpert', 'mesh'\]"):
+        RadiologySource(slot="words").validate()
+
+
 # --------------------------------------------------------------------------------------- configs
 LLM_CONFIGS = sorted((REPO / "configs" / "llm").glob("*.yaml"))
 

@@ -112,3 +112,23 @@ def test_vocabulary_coverage_on_real_tags():
         for c, v in zip(CHEXPERT_CLASSES, parse_report_tags(r.mesh_major).labels):
             counts[c] += v
     assert counts["No Finding"] == 1934 and counts["Lung Opacity"] == 672 and counts["Cardiomegaly"] == 323
+
+
+def test_mesh_label_set_adds_drawn_terms_sides_and_zones_seen_in_train():
+    from xraygpt.data.mesh_labels import finding_keys, mesh_label_set
+
+    assert finding_keys(parse_tag("Opacity/lung/base/left/mild")) == ["opacity", "opacity|left", "opacity|base"]
+    assert finding_keys(parse_tag("Technical Quality of Image Unsatisfactory")) == []  # not drawn
+    assert finding_keys(parse_tag("normal")) == []
+    images = {"a": {"labels": [0, 1], "tags": ["Opacity/lung/base/left"], "split": "train"},
+              "b": {"labels": [0, 1], "tags": ["Opacity/lung/right"], "split": "train"},
+              "c": {"labels": [1, 0], "tags": ["normal"], "split": "train"},
+              "t": {"labels": [0, 1], "tags": ["Opacity/lung/base/left", "Nodule/lung/right"], "split": "test"}}
+    labels = {"classes": ["No Finding", "Lung Opacity"], "images": images}
+    out = mesh_label_set(labels, ["a", "b", "c"], min_films=1)
+    # classes from the train films only: the test film's nodule does not become a class
+    assert out["classes"] == ["No Finding", "Lung Opacity", "opacity", "opacity|base", "opacity|left", "opacity|right"]
+    assert [out["images"][i]["labels"] for i in "abct"] == [[0, 1, 1, 1, 1, 0], [0, 1, 1, 0, 0, 1],
+                                                             [1, 0, 0, 0, 0, 0], [0, 1, 1, 1, 1, 0]]
+    assert mesh_label_set(labels, ["a", "b", "c"], min_films=2)["classes"] == ["No Finding", "Lung Opacity", "opacity"]
+    assert out["images"]["t"]["tags"] == images["t"]["tags"] and labels["images"]["a"]["labels"] == [0, 1]

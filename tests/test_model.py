@@ -140,6 +140,21 @@ def test_image_guidance_follows_the_guided_log_probs(model):
     assert not torch.equal(expected, image.argmax(-1))  # the guidance changed at least one choice
 
 
+def test_no_repeat_ngram_size_bans_a_repeated_token_even_under_guidance(model):
+    features = model.get_image_features(pixels(2, seed=7))
+    gen = GenerationConfig(max_new_tokens=24)
+
+    def token_ids(texts):
+        return [model.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+    plain = token_ids(model.generate(image_features=features, generation=gen))
+    assert any(len(set(t)) < len(t) for t in plain)  # the tiny model repeats itself: something to ban
+    for guidance in (1.0, 3.0):
+        once = token_ids(model.generate(image_features=features, generation=gen, no_repeat_ngram_size=1,
+                                        image_guidance=guidance))
+        assert all(len(set(t)) == len(t) > 0 for t in once), once
+
+
 def test_image_guidance_rejects_sampling():
     with pytest.raises(ValueError, match="greedy or beam search"):
         GenerationConfig(do_sample=True, image_guidance=2.0)

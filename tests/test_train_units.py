@@ -65,6 +65,32 @@ def test_batch_plan_epochs_cover_each_sample_once():
     assert sorted(seen) == list(range(64))
 
 
+def test_length_grouped_plan_pads_less_covers_each_sample_once_and_keeps_the_process_invariance():
+    lengths = tuple(int(x) for x in torch.randint(5, 100, (203,), generator=torch.Generator().manual_seed(1)))
+    plain = BatchPlan(203, 8, 1, 1, seed=4)
+    grouped = BatchPlan(203, 8, 1, 1, seed=4, lengths=lengths, group=4)
+    assert torch.equal(plain.permutation(0), BatchPlan(203, 8, 1, 1, 4, lengths, group=0).permutation(0))
+    assert sorted(grouped.permutation(2).tolist()) == list(range(203))
+
+    def padded(plan):  # tokens a step computes: batch size x its longest sample, over one epoch
+        return sum(8 * max(lengths[i] for i in plan.step_samples(s)[1]) for s in range(plan.steps_per_epoch))
+
+    assert padded(grouped) < 0.8 * padded(plain)
+    # the first group of 4 batches holds the plain order's first 32 samples, longest first, batches reordered
+    first = [grouped.step_samples(s)[1] for s in range(4)]
+    assert sorted(i for b in first for i in b) == sorted(plain.permutation(0)[:32].tolist())
+    assert all(min(lengths[i] for i in a) >= max(lengths[i] for i in b) or
+               max(lengths[i] for i in a) <= min(lengths[i] for i in b) for a in first for b in first if a != b)
+    assert grouped.permutation(0).tolist() == BatchPlan(203, 8, 1, 1, 4, lengths, 4).permutation(0).tolist()
+    assert grouped.permutation(0).tolist() != grouped.permutation(1).tolist()
+    two = BatchPlan(203, 4, 2, 1, seed=4, lengths=lengths, group=4)  # same global batches on 2 processes
+    for step in (0, 3, 30):
+        assert sorted(i for r in (0, 1) for mb in two.micro_batches(step, r) for _, i in mb) == \
+            sorted(grouped.step_samples(step)[1])
+    with pytest.raises(ValueError, match="one length per sample"):
+        BatchPlan(203, 8, 1, 1, seed=0, group=2)
+
+
 def test_batch_plan_too_small_dataset_is_clear():
     with pytest.raises(ValueError, match="fewer than one global batch of 16"):
         BatchPlan(num_samples=10, batch_size=8, num_processes=1, grad_accum=2, seed=0).steps_per_epoch

@@ -67,6 +67,7 @@ class GenerationConfig:
     repetition_penalty: float = 1.0
     length_penalty: float = 1.0
     min_new_tokens: int = 1
+    no_repeat_ngram_size: int = 0  # > 0: an n-gram may occur once in an answer (0 = off)
     # Classifier-free guidance on the image (greedy or beam search): next-token log-probs
     # l(null) + s * (l(image) - l(null)), where null is the same prompt with zero image features (the projection's
     # bias alone). 1.0 = off; s > 1 makes the answer follow the film more than the LLM's language prior (a frozen
@@ -76,6 +77,8 @@ class GenerationConfig:
     def __post_init__(self):
         if self.image_guidance < 0:
             raise ValueError(f"generation.image_guidance must be >= 0 (1.0 = off), got {self.image_guidance}")
+        if self.no_repeat_ngram_size < 0:
+            raise ValueError(f"generation.no_repeat_ngram_size must be >= 0 (0 = off), got {self.no_repeat_ngram_size}")
         if self.image_guidance != 1.0 and self.do_sample:
             raise ValueError("generation.image_guidance != 1 needs greedy or beam search (do_sample=false): the "
                              "guided and unguided rows must read the same tokens")
@@ -302,6 +305,7 @@ class XrayGPT(nn.Module):
             do_sample=gen.do_sample, temperature=gen.temperature if gen.do_sample else None,
             top_p=gen.top_p if gen.do_sample else None, top_k=None,
             repetition_penalty=gen.repetition_penalty, length_penalty=gen.length_penalty,
+            no_repeat_ngram_size=gen.no_repeat_ngram_size or None,
             stopping_criteria=self._stop_at_end_marker(), logits_processor=LogitsProcessorList(guidance),
             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
         texts = tok.batch_decode(out, skip_special_tokens=True)

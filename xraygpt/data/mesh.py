@@ -116,6 +116,16 @@ class MeshFinding:
         return word in self.descriptors or word in self.zones or word in self.anatomy
 
 
+def finding_phrase(f: MeshFinding) -> str | None:
+    """An abnormal finding in plain words, e.g. "calcified granuloma in the right upper lobe"; None for a normal or
+    unindexed tag. Descriptors, term, then where (side and zones); severity is left out."""
+    if f.status in ("normal", "no_indexing"):
+        return None
+    what = " ".join([*f.descriptors, f.term])
+    where = " ".join(x for x in (f.laterality, *f.zones) if x)
+    return f"{what} in the {where}" if where else what
+
+
 def parse_tag(raw: str) -> MeshFinding:
     """Parse one MeSH major tag. Never raises: unknown terms come back with status "unknown"."""
     parts = [_WS.sub(" ", p).strip().lower() for p in raw.split("/")]

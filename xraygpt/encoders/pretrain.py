@@ -49,6 +49,7 @@ META_NAME = "stage0_meta.json"
 EVAL_NAME = "stage0_eval.json"
 META_VERSION = 1
 IMAGE_POOLS = ("patch_mean", "cls")
+LABEL_SETS = ("chexpert", "mesh")
 PAD_ID = 0  # open_clip SimpleTokenizer pads with 0 and ends every sequence with <end_of_text> (the max id)
 
 
@@ -60,6 +61,10 @@ class Stage0DataConfig:
     ann_file: str = "splits/train.json"  # training pairs, relative to root (or absolute)
     eval_ann_file: str = "splits/test.json"  # pairs evaluate_encoder scores, relative to root (or absolute)
     labels_file: str | None = "labels.json"  # CheXpert labels per image id; None = plain CLIP targets only
+    # "chexpert": labels_file as it is; "mesh": plus drawn MeSH findings, sides and zones derived from its tags on the
+    # training split (xraygpt/data/mesh_labels.py), written to <output_dir>/labels_mesh.json
+    label_set: str = "chexpert"
+    mesh_min_films: int = 15  # label_set=mesh: a MeSH class needs this many training films
     limit: int | None = None  # embedded only: keep the first N reports (fast builds for tests)
 
     def validate(self) -> None:
@@ -67,6 +72,12 @@ class Stage0DataConfig:
             raise ConfigError("data.root is required when data.embedded is false (a folder holding image/)")
         if self.limit is not None and (self.limit < 1 or not self.embedded):
             raise ConfigError("data.limit must be >= 1 and only applies with data.embedded=true")
+        if self.label_set not in LABEL_SETS:
+            raise ConfigError(f"data.label_set must be one of {LABEL_SETS}, got {self.label_set!r}")
+        if self.mesh_min_films < 1:
+            raise ConfigError(f"data.mesh_min_films must be >= 1, got {self.mesh_min_films}")
+        if self.label_set == "mesh" and not self.labels_file:
+            raise ConfigError("data.label_set=mesh derives its classes from data.labels_file's tags: set it")
 
 
 @dataclass
@@ -291,9 +302,16 @@ def prepare_data(cfg: EncoderPretrainConfig) -> Stage0Data:
             raise FileNotFoundError(f"{what}: {p} not found")
     if cfg.loss.semantic and labels_file is None:
         raise ConfigError("loss.semantic=true needs labels: set data.labels_file, or loss.semantic=false")
+    if d.label_set == "mesh":
+        from xraygpt.data.mesh_labels import write_mesh_labels
+
+        labels_file = write_mesh_labels(labels_file, train_file, Path(cfg.run.output_dir) / "labels_mesh.json",
+                                        d.mesh_min_films)
     identity.update(root=str(root), ann_file=str(train_file), ann_sha256=_sha256(train_file),
                     labels_file=str(labels_file) if labels_file else None,
                     labels_sha256=_sha256(labels_file) if labels_file else None)  # fmt: skip
+    if d.label_set != "chexpert":  # only then: runs made before label_set existed keep their identity
+        identity.update(label_set=d.label_set, mesh_min_films=d.mesh_min_films)
     return Stage0Data(root, train_file, eval_file, labels_file, identity)
 
 

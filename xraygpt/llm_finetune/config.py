@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from xraygpt.conversation import TEMPLATES
 from xraygpt.llm import LLMConfig
-from xraygpt.llm_finetune.radiology_conversations import KINDS, check_kinds
+from xraygpt.llm_finetune.radiology_conversations import KINDS, check_kinds, check_slot
 from xraygpt.train.config import OptimConfig, RunConfig, WandbConfig
 
 METHODS = ("lora", "full")
@@ -63,9 +63,13 @@ class RadiologySource:
     # "qa" (questions about the report) and/or "write_up" (findings in the image slot -> the whole report). Write-ups
     # alone teach a small LLM to condition its report on what the slot says in far fewer steps (README, ablation).
     kinds: list[str] = field(default_factory=lambda: list(KINDS))
+    # What a write-up's slot names: "chexpert" (the CheXpert-14 findings) or "mesh" (each drawn MeSH finding with
+    # its side and zones); see radiology_conversations.SLOTS
+    slot: str = "chexpert"
 
     def validate(self) -> None:
         check_kinds(self.kinds)
+        check_slot(self.slot)
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"data.radiology.limit must be >= 1 or null, got {self.limit}")
 

@@ -35,6 +35,7 @@ from typing import Any
 
 from xraygpt.config import atomic_write_text
 from xraygpt.conversation import IMAGE_PLACEHOLDER, default_prompt_file, read_prompt_file
+from xraygpt.data.mesh import finding_phrase, parse_tag
 from xraygpt.data.reports import ReportSourceError, normalize_ws, read_reports
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,10 @@ QUESTIONS: dict[str, tuple[str, ...]] = {
 WRITE_SUFFIX = ":write"  # id of a report's write-up conversation: <image_id>:write
 # "qa": questions about findings, impression, structures, normal/abnormal; "write_up": the findings-to-report turn.
 KINDS = ("qa", "write_up")
+# What a write-up's slot names: "chexpert", the film's CheXpert-14 findings ("cardiomegaly and pleural effusion"), or
+# "mesh", each abnormal MeSH tag the embedded renderer draws, with its side and zones ("calcified granuloma in the
+# right upper lobe"): what the image shows beyond the label set. The vision stages' encoder must then carry it too.
+SLOTS = ("chexpert", "mesh")
 # Sentences about a structure: whole words, case-insensitive.
 STRUCTURES: dict[str, re.Pattern[str]] = {
     "heart": re.compile(r"\b(heart|cardi\w*|mediastin\w*|aort\w*|hil(?:ar|um|a))\b", re.I),
@@ -88,6 +93,7 @@ class ReportRecord:
     caption: str  # findings + impression, as in the split file
     positives: tuple[str, ...]  # CheXpert classes labelled 1
     labelled: bool  # False when no usable MeSH tag gave labels
+    tags: tuple[str, ...] = ()  # the report's MeSH major tags, as in labels.json
     findings: str | None = None  # None when the report's sections could not be matched to the caption
     impression: str | None = None
 
@@ -134,18 +140,22 @@ def _listed(items: list[str]) -> str:
     return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
 
 
-def findings_phrase(rec: ReportRecord) -> str:
-    """What a write-up's slot says: the film's CheXpert findings in words ("cardiomegaly and edema"), or "no
+def findings_phrase(rec: ReportRecord, slot: str = "chexpert") -> str:
+    """What a write-up's slot says (see SLOTS): the film's findings in words ("cardiomegaly and edema"), or "no
     abnormality"."""
-    found = [c.lower() for c in rec.positives if c != "No Finding"]
+    if slot == "mesh":
+        found = [finding_phrase(f) for f in map(parse_tag, rec.tags) if f.status == "sign"]
+        found = list(dict.fromkeys(p for p in found if p))  # each phrase once, in tag order
+    else:
+        found = [c.lower() for c in rec.positives if c != "No Finding"]
     return _listed(found) if found else "no abnormality"
 
 
-def write_up_for(rec: ReportRecord, seed: int) -> dict[str, Any] | None:
+def write_up_for(rec: ReportRecord, seed: int, slot: str = "chexpert") -> dict[str, Any] | None:
     """The report summary written from the film's labelled findings; None for an unlabelled report."""
     if not rec.labelled or not rec.positives:
         return None
-    findings = findings_phrase(rec)
+    findings = findings_phrase(rec, slot)
     rng = random.Random(f"radiology-write{CONV_VERSION}:{seed}:{rec.image_id}")
     request = rng.choice(_vision_instructions()).replace(IMAGE_PLACEHOLDER, findings)
     return {"id": rec.image_id + WRITE_SUFFIX,
@@ -206,6 +216,7 @@ def load_records(dataset_root: str | Path, split: str) -> list[ReportRecord]:
         records.append(ReportRecord(
             image_id=image_id, caption=caption,
             positives=tuple(c for c, v in zip(classes, meta["labels"]) if v), labelled=bool(meta["labelled"]),
+            tags=tuple(meta.get("tags", ())),
             findings=report.findings if matched else None, impression=report.impression if matched else None))
     return records
 
@@ -218,11 +229,17 @@ def check_kinds(kinds: Sequence[str]) -> tuple[str, ...]:
     return tuple(kinds)
 
 
-def build_conversations(records: list[ReportRecord], seed: int,
-                        kinds: Sequence[str] = KINDS) -> tuple[list[dict[str, Any]], int]:
-    """ShareGPT conversations in record order (each report's Q&A, then its write-up; only the `kinds` asked
-    for), and how many records supported no question."""
-    kinds = check_kinds(kinds)
+def check_slot(slot: str) -> str:
+    if slot not in SLOTS:
+        raise ValueError(f"radiology write-up slot '{slot}': choose one of {list(SLOTS)}")
+    return slot
+
+
+def build_conversations(records: list[ReportRecord], seed: int, kinds: Sequence[str] = KINDS,
+                        slot: str = "chexpert") -> tuple[list[dict[str, Any]], int]:
+    """ShareGPT conversations in record order (each report's Q&A, then its write-up with `slot` findings; only the
+    `kinds` asked for), and how many records supported no question."""
+    kinds, slot = check_kinds(kinds), check_slot(slot)
     out, unused = [], 0
     for rec in records:
         if "qa" in kinds:
@@ -231,25 +248,27 @@ def build_conversations(records: list[ReportRecord], seed: int,
                 unused += 1
             else:
                 out.append(conv)
-        write_up = write_up_for(rec, seed) if "write_up" in kinds else None
+        write_up = write_up_for(rec, seed, slot) if "write_up" in kinds else None
         if write_up is not None:
             out.append(write_up)
     return out, unused
 
 
 def write_radiology_conversations(dataset_root: str | Path, split: str, out_file: str | Path,
-                                  seed: int = 0, kinds: Sequence[str] = KINDS) -> dict[str, Any]:
+                                  seed: int = 0, kinds: Sequence[str] = KINDS,
+                                  slot: str = "chexpert") -> dict[str, Any]:
     """Build one split's conversations into `out_file` (atomically); return counts."""
     if split not in BUILD_SPLITS:
         raise ValueError(f"split '{split}': conversations are built from {list(BUILD_SPLITS)} only; the test split "
                          f"stays held out for evaluation")
     records = load_records(dataset_root, split)
-    conversations, unused = build_conversations(records, seed, kinds)
+    conversations, unused = build_conversations(records, seed, kinds, slot)
     if not conversations:
         raise RadiologyDataError(f"{dataset_root} split '{split}' gave no conversation ({len(records)} reports)")
     atomic_write_text(out_file, json.dumps(conversations, ensure_ascii=False, indent=1) + "\n")
     turns = sum(len(c["conversations"]) // 2 for c in conversations)
-    stats = {"file": str(out_file), "split": split, "seed": seed, "kinds": list(kinds), "version": CONV_VERSION,
+    stats = {"file": str(out_file), "split": split, "seed": seed, "kinds": list(kinds), "slot": slot,
+             "version": CONV_VERSION,
              "reports": len(records),
              "conversations": len(conversations),
              "write_ups": sum(c["id"].endswith(WRITE_SUFFIX) for c in conversations), "doctor_turns": turns,
@@ -296,11 +315,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--limit", type=int, default=None, help="default cache build from the first N reports")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS, help="conversation kinds to build")
+    parser.add_argument("--slot", default="chexpert", choices=SLOTS, help="what a write-up's slot names")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         root = embedded_root(args.embedded_dir, args.limit)
-        stats = write_radiology_conversations(root, args.split, args.out, args.seed, args.kinds)
+        stats = write_radiology_conversations(root, args.split, args.out, args.seed, args.kinds, args.slot)
     except (RadiologyDataError, ValueError, OSError) as e:
         if argv is not None:
             raise

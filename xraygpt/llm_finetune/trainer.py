@@ -105,7 +105,7 @@ class FinetuneTrainer:
             atomic_write_text(self.output_dir / "data_report.json", json.dumps(self.data_report, indent=1) + "\n")
 
         self.plan = BatchPlan(len(self.train_set), cfg.run.batch_size, acc.num_processes, cfg.run.grad_accum,
-                              cfg.run.seed)
+                              cfg.run.seed, tuple(len(s.input_ids) for s in train), cfg.run.group_by_length)
         _ = self.plan.steps_per_epoch  # fail early if the data is smaller than one global batch
         self.optimizer = build_optimizer(self.model, cfg.optim)
         o = cfg.optim
@@ -136,7 +136,7 @@ class FinetuneTrainer:
         if self.is_main:
             src = self.cfg.data.radiology
             write_radiology_conversations(embedded_root(src.embedded_dir, src.limit), split, path, src.seed,
-                                          src.kinds)
+                                          src.kinds, src.slot)
         self.accelerator.wait_for_everyone()
         return path
 

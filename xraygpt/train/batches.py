@@ -4,6 +4,11 @@ Each epoch is a seeded permutation of the dataset cut into global batches of
 `batch_size x num_processes x grad_accum` samples (a trailing partial batch is dropped). Optimizer step `s`
 takes global batch `s mod steps_per_epoch` of epoch `s // steps_per_epoch`; micro-batch `m` of rank `r` is a
 contiguous slice of it. The same global batch is therefore seen whatever the process count.
+
+With `group` > 0 and per-sample `lengths`, each run of `group` global batches of that permutation is sorted by
+length (longest first) before it is cut, and those batches are then taken in a seeded random order: a batch holds
+samples of similar length, so padding (and the time it costs) shrinks, while the epoch's sample order stays random at
+the scale of the group (transformers' group_by_length does the same).
 """
 
 from __future__ import annotations
@@ -21,6 +26,15 @@ class BatchPlan:
     num_processes: int
     grad_accum: int
     seed: int
+    lengths: tuple[int, ...] | None = None  # per sample (tokens); only read when group > 0
+    group: int = 0  # global batches per length-sorted group; 0 = plain shuffling
+
+    def __post_init__(self):
+        if self.group < 0:
+            raise ValueError(f"run.group_by_length must be >= 0 (0 = off), got {self.group}")
+        if self.group and (self.lengths is None or len(self.lengths) != self.num_samples):
+            raise ValueError(f"length grouping needs one length per sample ({self.num_samples}), got "
+                             f"{None if self.lengths is None else len(self.lengths)}")
 
     @property
     def global_batch(self) -> int:
@@ -37,7 +51,16 @@ class BatchPlan:
 
     def permutation(self, epoch: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.num_samples, generator=g)
+        perm = torch.randperm(self.num_samples, generator=g)
+        if not self.group:
+            return perm
+        lengths, gb = torch.tensor(self.lengths), self.global_batch
+        parts = []
+        for part in perm.split(gb * self.group):  # (<= group * gb,) each
+            part = part[torch.argsort(lengths[part], descending=True, stable=True)]
+            n = len(part) // gb
+            parts += [part[: n * gb].view(n, gb)[torch.randperm(n, generator=g)].reshape(-1), part[n * gb:]]
+        return torch.cat(parts)
 
     def step_samples(self, step: int) -> tuple[int, list[int]]:
         """(epoch, sample indices of the whole global batch) for optimizer step `step`."""

@@ -81,6 +81,10 @@ class RunConfig:
     feature_cache_dir: str | None = None  # default: $XRAYGPT_CACHE/features
     progress: bool = True  # tqdm bar
     threads: int | None = None  # torch CPU threads (None = torch default)
+    # > 0: each run of this many global batches (of the epoch's shuffled order) is sorted by length before it is cut
+    # into batches, whose order is then shuffled: less padding, ~20% fewer tokens a step on the embedded data at 16
+    # (xraygpt/train/batches.py). 0 = plain shuffling. Changes which samples share a batch, so results move a little.
+    group_by_length: int = 0
 
     def validate(self) -> None:
         if self.mixed_precision not in ("no", "bf16", "fp16"):
@@ -89,6 +93,8 @@ class RunConfig:
             raise ValueError(f"run.device must be auto|cpu|cuda, got '{self.device}'")
         if self.batch_size < 1 or self.grad_accum < 1 or self.max_steps < 1:
             raise ValueError("run.batch_size, run.grad_accum and run.max_steps must be >= 1")
+        if self.group_by_length < 0:
+            raise ValueError(f"run.group_by_length must be >= 0 (0 = off), got {self.group_by_length}")
         if self.proj_init not in PROJ_INITS:
             raise ValueError(f"run.proj_init must be {'|'.join(PROJ_INITS)}, got '{self.proj_init}'")
 

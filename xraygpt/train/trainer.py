@@ -37,6 +37,12 @@ from xraygpt.train.schedule import build_scheduler
 log = logging.getLogger(__name__)
 
 
+def caption_lengths(dataset, tokenizer, max_txt_len: int) -> tuple[int, ...]:
+    """Tokens of each sample's caption as the processor feeds it (cut at max_txt_len): what length grouping sorts."""
+    captions = [dataset.record(i)["caption"] for i in range(len(dataset))]
+    return tuple(min(len(ids), max_txt_len) for ids in tokenizer(captions, add_special_tokens=False)["input_ids"])
+
+
 class TrainingError(RuntimeError):
     """A setup problem found before any step ran."""
 
@@ -139,8 +145,10 @@ class Trainer:
         if cfg.run.proj_init == "embedding_scale" and not cfg.run.init_from:  # same sample, same factor: every process
             scale_projection_to_embeddings(self.model, feature_sample(self.model, self.data.train,
                                                                       self.data.train_features))
+        lengths = caption_lengths(self.data.train, self.model.tokenizer, cfg.model.max_txt_len) \
+            if cfg.run.group_by_length else None
         self.plan = BatchPlan(len(self.data.train), cfg.run.batch_size, acc.num_processes, cfg.run.grad_accum,
-                              cfg.run.seed)
+                              cfg.run.seed, lengths, cfg.run.group_by_length)
         _ = self.plan.steps_per_epoch  # fail early if the dataset is smaller than one global batch
         self.train_set = InstructionDataset(self.data.train, self.prompts, cfg.run.seed, self.data.train_features)
         self.collate = TrainCollator(self.model.processor, cfg.data.pad_to_multiple_of)

@@ -106,8 +106,9 @@ def test_radiology_finetune_loss_falls_and_output_is_a_plain_llm(tiny_llm_dir, e
         assert torch.equal(tuned[name], w) != adapted, name
 
 
-def test_resume_is_bitwise_identical(tiny_llm_dir, chat_file, tmp_path):
-    common = ["model.lora.dropout=0.1"]  # dropout draws random numbers: resume must restore the RNG too
+@pytest.mark.parametrize("grouping", [[], ["run.group_by_length=2"]], ids=["shuffled", "length_grouped"])
+def test_resume_is_bitwise_identical(tiny_llm_dir, chat_file, tmp_path, grouping):
+    common = ["model.lora.dropout=0.1", *grouping]  # dropout draws random numbers: resume must restore the RNG too
     finetune(make_cfg(tiny_llm_dir, chat_file, tmp_path / "full", *common))
     first = finetune(make_cfg(tiny_llm_dir, chat_file, tmp_path / "split", *common, "run.stop_after=4",
                               "run.resume=auto"))

@@ -247,7 +247,7 @@ def test_mesh_label_set_trains_a_finer_head_from_train_tags(tmp_path):
     cfg = load_config(EncoderPretrainConfig, STAGE0_YAML,
                       [f"data.root={ds.root}", "data.limit=80", f"run.output_dir={tmp_path / 'run'}",
                        "run.batch_size=16", "run.epochs=1", "run.progress=false", "data.label_set=mesh",
-                       "data.mesh_min_films=3"])  # fmt: skip
+                       "data.mesh_min_films=2"])  # fmt: skip
     result = pretrain_encoder(cfg)
     derived = json.loads((tmp_path / "run" / "labels_mesh.json").read_text())
     chexpert = json.loads(ds.labels_file.read_text())["classes"]

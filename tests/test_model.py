@@ -140,19 +140,30 @@ def test_image_guidance_follows_the_guided_log_probs(model):
     assert not torch.equal(expected, image.argmax(-1))  # the guidance changed at least one choice
 
 
-def test_no_repeat_ngram_size_bans_a_repeated_token_even_under_guidance(model):
-    features = model.get_image_features(pixels(2, seed=7))
-    gen = GenerationConfig(max_new_tokens=24)
+def test_no_repeat_ngram_size_bans_a_repeated_token_even_under_guidance(model, monkeypatch):
+    features = model.get_image_features(pixels(2, seed=3))
+    gen = GenerationConfig(max_new_tokens=48)
+    produced = []  # the LLM's own output ids (new tokens only), seen through a pass-through wrapper
+    real_generate = model.llm.generate
 
-    def token_ids(texts):
-        return [model.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    def recording_generate(*args, **kwargs):
+        out = real_generate(*args, **kwargs)
+        produced.append(out)
+        return out
 
-    plain = token_ids(model.generate(image_features=features, generation=gen))
-    assert any(len(set(t)) < len(t) for t in plain)  # the tiny model repeats itself: something to ban
+    monkeypatch.setattr(model.llm, "generate", recording_generate)
+
+    def answers(**overrides):
+        model.generate(image_features=features, generation=gen, **overrides)
+        special = {model.tokenizer.pad_token_id, model.tokenizer.eos_token_id}
+        return [[t for t in row.tolist() if t not in special] for row in produced[-1][:2]]
+
+    assert any(len(set(t)) < len(t) for t in answers())  # the tiny model repeats a token: something to ban
     for guidance in (1.0, 3.0):
-        once = token_ids(model.generate(image_features=features, generation=gen, no_repeat_ngram_size=1,
-                                        image_guidance=guidance))
+        once = answers(no_repeat_ngram_size=1, image_guidance=guidance)
         assert all(len(set(t)) == len(t) > 0 for t in once), once
+    with pytest.raises(ValueError, match="no_repeat_ngram_size must be >= 0"):
+        GenerationConfig(no_repeat_ngram_size=-1)
 
 
 def test_image_guidance_rejects_sampling():

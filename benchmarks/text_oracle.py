@@ -29,7 +29,7 @@ from xraygpt.conversation import get_template
 from xraygpt.eval.chexpert_labeler import label_reports
 from xraygpt.eval.generate import derangement
 from xraygpt.eval.rouge import rouge_per_sample
-from xraygpt.llm_finetune.radiology_conversations import ReportRecord, findings_phrase, load_records
+from xraygpt.llm_finetune.radiology_conversations import SLOTS, ReportRecord, findings_phrase, load_records
 
 INSTRUCTION = "Describe the given chest x-ray image in detail."
 
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--limit", type=int, default=96, help="first N labelled validation films with findings")
     parser.add_argument("--guidance", type=float, default=1.0,
                         help="slot guidance against an empty slot (1 = off), as the eval's generation.image_guidance")
-    parser.add_argument("--slot", default="chexpert", choices=["chexpert", "mesh"],
+    parser.add_argument("--slot", default="chexpert", choices=SLOTS,
                         help="what the slot names, as the fine-tune's data.radiology.slot")
     parser.add_argument("--out", default="benchmarks/results/text_oracle.json")
     args = parser.parse_args(argv)

@@ -144,8 +144,8 @@ def findings_phrase(rec: ReportRecord, slot: str = "chexpert") -> str:
     """What a write-up's slot says (see SLOTS): the film's findings in words ("cardiomegaly and edema"), or "no
     abnormality"."""
     if slot == "mesh":
-        found = [finding_phrase(f) for f in map(parse_tag, rec.tags) if f.status == "sign"]
-        found = list(dict.fromkeys(p for p in found if p))  # each phrase once, in tag order
+        # each drawn finding's phrase once, in tag order ("sign" tags always have one)
+        found = list(dict.fromkeys(finding_phrase(f) for f in map(parse_tag, rec.tags) if f.status == "sign"))
     else:
         found = [c.lower() for c in rec.positives if c != "No Finding"]
     return _listed(found) if found else "no abnormality"

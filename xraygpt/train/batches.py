@@ -14,7 +14,7 @@ the scale of the group (transformers' group_by_length does the same).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -28,6 +28,8 @@ class BatchPlan:
     seed: int
     lengths: tuple[int, ...] | None = None  # per sample (tokens); only read when group > 0
     group: int = 0  # global batches per length-sorted group; 0 = plain shuffling
+    # the last epoch's permutation: every step of an epoch reads it (a loader plans all its steps at once)
+    _epoch_cache: dict[int, torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if self.group < 0:
@@ -50,6 +52,12 @@ class BatchPlan:
         return steps
 
     def permutation(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._epoch_cache:
+            self._epoch_cache.clear()
+            self._epoch_cache[epoch] = self._make_permutation(epoch)
+        return self._epoch_cache[epoch]
+
+    def _make_permutation(self, epoch: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         perm = torch.randperm(self.num_samples, generator=g)
         if not self.group:

@@ -2,7 +2,8 @@
 
 Real steps, tiny sizes: the embedded dataset built from the first 48 IU reports, xray-vit-tiny pretrained for one
 step (stage 0), a random 2-layer LLaMA with the real SmolLM2 tokenizer fine-tuned for three steps on the
-radiology conversations, three projection steps per row, and an 8-sample evaluation with its shuffled control.
+radiology conversations, three projection steps per row, an 8-sample evaluation per row, and the best row's
+shuffled-image control.
 """
 
 from __future__ import annotations
@@ -16,7 +17,15 @@ import pytest
 import torch
 from conftest import REPO
 
-from xraygpt.ablation import STEP_RECORD, AblationError, load_ablation_config, plan_ablation, run_ablation
+from xraygpt.ablation import (
+    STEP_RECORD,
+    AblationError,
+    build_step,
+    load_ablation_config,
+    plan_ablation,
+    run_ablation,
+    seed_control_predictions,
+)
 from xraygpt.config import ConfigError
 from xraygpt.data.embedded import data_identity
 
@@ -113,6 +122,10 @@ def _run_script(argv: list[str]) -> dict:
     return module.main(argv)
 
 
+def _ran(report: dict) -> list[str]:
+    return [t["step"] for t in report["timings"]["steps"] if t["status"] == "ran"]
+
+
 def test_tiny_ablation_end_to_end_then_rerun_reuses_everything(ablation_yaml, capsys):
     cfg = load_ablation_config(ablation_yaml)
     out = Path(cfg.output_dir)
@@ -140,15 +153,25 @@ def test_tiny_ablation_end_to_end_then_rerun_reuses_everything(ablation_yaml, ca
             assert set(rows[rid]["metrics"][k]) == {"value", "ci_low", "ci_high"}
     best = saved["best_row"]
     assert best == max(("baseline", "radllm"), key=lambda r: rows[r]["metrics"]["ce_micro_f1_14"]["value"])
-    best_table = json.loads((out / "rows" / best / "eval" / "table.json").read_text())
+    other = "baseline" if best == "radllm" else "radllm"
+    # control.rows=best: only the best row's shuffled-image run was generated, after both rows' evals, starting
+    # from that row's own predictions (copied, not generated again), and scored with them in one table
+    assert [len(json.loads((out / "rows" / r / "eval" / "table.json").read_text())["runs"]) for r in rows
+            if r != "medvicuna"] == [1, 1]
+    assert not (out / "rows" / other / "control").exists()
+    assert f"best row '{best}': starting from the predictions in" in first_log
+    assert (out / "rows" / best / "control" / "predictions.jsonl").read_bytes() == \
+        (out / "rows" / best / "eval" / "predictions.jsonl").read_bytes()
+    best_table = json.loads((out / "rows" / best / "control" / "table.json").read_text())
     assert best_table["runs"][1]["name"].endswith("(shuffled images)")
-    assert saved["control"]["of_row"] == best
+    assert best_table["runs"][0]["metrics"] == \
+        json.loads((out / "rows" / best / "eval" / "table.json").read_text())["runs"][0]["metrics"]
+    assert saved["control"]["of_row"] == best and saved["control"]["table"].endswith(f"rows/{best}/control/table.json")
     assert saved["control"]["metrics"]["rougeL"] == best_table["runs"][1]["metrics"]["rougeL"]
     d = saved["deltas"]["best_minus_control"]["rougeL"]
     assert d["delta"] == pytest.approx(best_table["runs"][0]["metrics"]["rougeL"]["value"]
                                        - best_table["runs"][1]["metrics"]["rougeL"]["value"])
     assert d["ci_low"] <= d["delta"] + 1e-12 and d["delta"] <= d["ci_high"] + 1e-12
-    other = "baseline" if best == "radllm" else "radllm"
     if best == "radllm":
         assert saved["deltas"]["best_minus_baseline"]["ce_micro_f1_14"]["delta"] == pytest.approx(
             rows["radllm"]["metrics"]["ce_micro_f1_14"]["value"] - rows[other]["metrics"]["ce_micro_f1_14"]["value"])
@@ -159,7 +182,7 @@ def test_tiny_ablation_end_to_end_then_rerun_reuses_everything(ablation_yaml, ca
     # the steps ran once each, in dependency order; the stage-0 encoder and the LLM are the rows' own
     steps = [t["step"] for t in saved["timings"]["steps"]]
     assert steps == ["stage0", "llm/radiology", "rows/baseline/stage1", "rows/baseline/eval", "rows/radllm/stage1",
-                     "rows/radllm/eval"]
+                     "rows/radllm/eval", f"rows/{best}/control"]
     assert all(t["status"] == "ran" and t["seconds"] > 0 for t in saved["timings"]["steps"])
     model_cfg = json.loads((out / "rows" / "radllm" / "stage1" / "final" / "xraygpt_config.json").read_text())["model"]
     assert model_cfg["llm"]["name_or_path"] == str(out / "llm" / "radiology" / "final")
@@ -173,7 +196,7 @@ def test_tiny_ablation_end_to_end_then_rerun_reuses_everything(ablation_yaml, ca
     mtime = weights.stat().st_mtime_ns
     again = _run_script(["--cfg", str(ablation_yaml)])
     log = capsys.readouterr().out
-    assert "$ python" not in log and log.count("reusing it, no retraining") == 6
+    assert "$ python" not in log and log.count("reusing it, no retraining") == 7
     assert all(t["status"] == "reused" and t["seconds"] == 0 for t in again["timings"]["steps"])
     assert [t["recorded_seconds"] for t in again["timings"]["steps"]] == \
         [t["seconds"] for t in saved["timings"]["steps"]]
@@ -212,9 +235,11 @@ def test_tiny_ablation_end_to_end_then_rerun_reuses_everything(ablation_yaml, ca
     with pytest.raises(AblationError, match=r"rows/baseline/stage1.*run\.seed.*on_changed=redo"):
         run_ablation(load_ablation_config(ablation_yaml, changed))
     redone = run_ablation(load_ablation_config(ablation_yaml, [*changed, "on_changed=redo"]))
-    status = {t["step"]: t["status"] for t in redone["timings"]["steps"]}
-    assert [k for k, v in status.items() if v == "ran"] == ["rows/baseline/stage1", "rows/baseline/eval"]
+    # (the best row's control is made again when it is a remade row's, or when the best row changed)
+    remade_control = [f"rows/{redone['best_row']}/control"] if best != redone["best_row"] or best == "baseline" else []
+    assert _ran(redone) == ["rows/baseline/stage1", "rows/baseline/eval", *remade_control]
     assert weights.stat().st_mtime_ns == mtime
+    best = redone["best_row"]
 
     # an input step made again (same config, new weights: its folder deleted and rerun) makes the steps made from
     # it stale, however alike their configs: refused, naming the input; redone with on_changed=redo
@@ -228,11 +253,43 @@ def test_tiny_ablation_end_to_end_then_rerun_reuses_everything(ablation_yaml, ca
     assert json.loads((out / "llm" / "radiology" / STEP_RECORD).read_text())["run_id"] != llm_record["run_id"]
     assert weights.stat().st_mtime_ns == mtime  # refused: the stale row is left as it was
     redone = run_ablation(load_ablation_config(ablation_yaml, [*changed, "on_changed=redo"]))
-    status = {t["step"]: t["status"] for t in redone["timings"]["steps"]}
-    assert [k for k, v in status.items() if v == "ran"] == ["rows/radllm/stage1", "rows/radllm/eval"]
+    remade_control = [f"rows/{redone['best_row']}/control"] if best != redone["best_row"] or best == "radllm" else []
+    assert _ran(redone) == ["rows/radllm/stage1", "rows/radllm/eval", *remade_control]
     assert weights.stat().st_mtime_ns != mtime
     again = run_ablation(load_ablation_config(ablation_yaml, changed))  # and then it is current again
     assert all(t["status"] == "reused" for t in again["timings"]["steps"])
+
+    # control.rows=all: every row's eval generates its own shuffled run (the evals are redone, nothing else); the
+    # best row's control is the same as the best-only control's, to the last digit
+    every = run_ablation(load_ablation_config(ablation_yaml, [*changed, "control.rows=all", "on_changed=redo"]))
+    assert _ran(every) == ["rows/baseline/eval", "rows/radllm/eval"]
+    assert every["best_row"] == again["best_row"] and every["rows"][0]["metrics"] == again["rows"][0]["metrics"]
+    assert every["control"]["metrics"] == again["control"]["metrics"]
+    assert every["deltas"] == again["deltas"]
+    assert all("shuffled_metrics" in r for r in every["rows"] if r["status"] == "evaluated")
+    assert "Image contribution per row" in every["markdown"] and "| Baseline | " in every["markdown"].split(
+        "Image contribution per row")[1]
+
+
+def test_control_starts_from_the_row_predictions_only_when_the_configs_match(step_yamls, tmp_path):
+    def eval_step(folder: str, *overrides: str):
+        d = tmp_path / folder
+        return build_step(f"rows/r/{folder}", "eval", "rows.r", str(step_yamls["eval"]),
+                          ["ckpt=run/stage2", f"output_dir={d}", "name=r", *overrides], d)
+
+    row_eval, control = eval_step("eval", "control=false"), eval_step("control", "control=true")
+    row_eval.out_dir.mkdir()
+    (row_eval.out_dir / "predictions.jsonl").write_text('{"image_id": "a", "prediction": "clear lungs"}\n')
+    assert not seed_control_predictions(row_eval, control)  # the row's eval is not finished: no table yet
+    (row_eval.out_dir / "table.json").write_text(json.dumps({"runs": [{"name": "r"}]}))
+    other = eval_step("other", "control=true", "generation.max_new_tokens=9")
+    assert not seed_control_predictions(row_eval, other) and not other.out_dir.exists()  # other decoding
+    assert seed_control_predictions(row_eval, control)
+    assert (control.out_dir / "predictions.jsonl").read_text() == (row_eval.out_dir / "predictions.jsonl").read_text()
+    (control.out_dir / "predictions.jsonl").write_text("")
+    assert not seed_control_predictions(row_eval, control)  # its own (partial) predictions are kept
+    assert (control.out_dir / "predictions.jsonl").read_text() == ""
+    assert sorted(p.name for p in control.out_dir.iterdir()) == ["predictions.jsonl"]
 
 
 def test_bad_row_config_names_the_key(ablation_yaml):
@@ -242,6 +299,8 @@ def test_bad_row_config_names_the_key(ablation_yaml):
         load_ablation_config(ablation_yaml, ["rows.radllm.llm=[radiolgy]"])
     with pytest.raises(ConfigError, match=r"rows\.baseline\.encoder must be random, stage0.*'random'"):
         load_ablation_config(ablation_yaml, ["rows.baseline.encoder=randon"])
+    with pytest.raises(ConfigError, match=r"control\.rows must be one of \['best', 'all'\], got 'every'"):
+        load_ablation_config(ablation_yaml, ["control.rows=every"])
     # a bad key inside a row's overrides fails at planning, before anything runs, naming row, stage and key
     cfg = load_ablation_config(ablation_yaml, ["rows.radllm.train_overrides=[model.encoder.chekpoint=x]",
                                                "output_dir=" + str(ablation_yaml.parent / "never")])
@@ -271,7 +330,10 @@ def test_embedded_ablation_plan():
     assert rad2.model.encoder.checkpoint.endswith("stage0/encoder.safetensors")
     assert rad2.model.llm.name_or_path.endswith("llm/radiology/final") and rad2.run.init_from.endswith("radllm/stage1")
     ev = next(s for s in plan.steps if s.key == "rows/radllm/eval").resolved
-    assert ev.control and ev.ckpt.endswith("rows/radllm/stage2") and ev.name == "+RadLLM"
+    assert not ev.control and ev.ckpt.endswith("rows/radllm/stage2") and ev.name == "+RadLLM"
+    ctrl = rows["radllm"].control_step  # run after the evals, for the best row only
+    assert ctrl.key not in keys and ctrl.resolved.control and ctrl.out_dir.parts[-2:] == ("radllm", "control")
+    assert ctrl.resolved.generation == ev.generation and ctrl.resolved.ckpt == ev.ckpt
 
     patch = plan_ablation(load_ablation_config(EMBEDDED_YAML, ["train.stage1.overrides=[model.encoder.feature=patch]",
                                                                "train.stage2.overrides=[model.encoder.feature=patch]"]))

@@ -8,9 +8,12 @@ A row is
               (e.g. [radiology], or the paper's [medical, radiology]); a chain step whose data the user must
               supply (`needs_train_file`) skips its rows, with the reason in the table, while it has none
     stages    the vision stages in order (stage 1, then stage 2 from stage 1), the same for every row
-    eval      one evaluation config, the same for every row, run with its shuffled-image control
-The control row is the best row (by `control.metric`) evaluated with the image/report pairing broken: read from
-that row's own evaluation, which ran the shuffled-image control on the same samples (paired test included).
+    eval      one evaluation config, the same for every row
+The control row is the best row (by `control.metric`) evaluated with the image/report pairing broken, on the same
+samples, with the paired test. `control.rows=best` (default) runs it once, after every row is evaluated: the step
+rows/<best>/control starts from the best row's own predictions (the same checkpoint and eval config, so the same
+outputs) and generates only the shuffled-image run. `control.rows=all` runs each row's evaluation with its own
+control instead (one more generation per row; the table then shows every row's image contribution).
 
 Every step is an existing entry point (scripts/train_encoder.py, finetune_llm.py, train.py, eval_rouge.py) with
 its YAML plus key=value overrides, run as a subprocess (memory freed between steps) or in this process
@@ -22,7 +25,8 @@ records what it ran in `ablation_step.json`, with a run id and the run ids of th
 artefact made with another config, or from an input step that has been made again since, is refused (naming the
 keys, or the input) rather than reused.
 
-Outputs in output_dir: stage0/, llm/<chain>/, rows/<row>/<stage>/, rows/<row>/eval/, ablation.md, ablation.json.
+Outputs in output_dir: stage0/, llm/<chain>/, rows/<row>/<stage>/, rows/<row>/eval/, rows/<best>/control/,
+ablation.md, ablation.json.
 The metrics and their bootstrap CIs are read from each row's eval table.json, never recomputed.
 """
 
@@ -41,7 +45,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -100,10 +104,14 @@ class RowConfig:
     enabled: bool = True
 
 
+CONTROL_ROWS = ("best", "all")
+
+
 @dataclass
 class ControlConfig:
-    enabled: bool = True  # evaluate every row with its shuffled-image control; the best row's is the control row
+    enabled: bool = True  # the best row evaluated with shuffled images: the control row
     metric: str = "ce_micro_f1_14"  # the eval table's key that picks the best row (higher is better)
+    rows: str = "best"  # best: only the best row's control is generated | all: every row's (per-row image share)
 
 
 @dataclass
@@ -138,6 +146,8 @@ class AblationConfig:
             raise ConfigError(f"isolation must be one of {list(ISOLATION)}, got '{self.isolation}'")
         if self.on_changed not in ON_CHANGED:
             raise ConfigError(f"on_changed must be one of {list(ON_CHANGED)}, got '{self.on_changed}'")
+        if self.control.rows not in CONTROL_ROWS:
+            raise ConfigError(f"control.rows must be one of {list(CONTROL_ROWS)}, got '{self.control.rows}'")
         if not self.rows:
             raise ConfigError("rows: no rows; give at least one (e.g. rows.baseline.encoder=random)")
         for section, names in (("rows", self.rows), ("train", self.train), ("llm_steps", self.llm_steps)):
@@ -271,6 +281,8 @@ class RowPlan:
     llm: str
     steps: list[Step] = field(default_factory=list)
     eval_dir: Path | None = None
+    control_step: Step | None = None  # control.rows=best: run after every row's eval, if this row is the best
+    control_dir: Path | None = None  # the eval folder whose table holds this row's shuffled-image run, once run
     skipped: str | None = None  # reason, when the row does not run
 
 
@@ -418,15 +430,23 @@ def plan_ablation(cfg: AblationConfig) -> Plan:
             plan.steps.append(st)
             steps[st.key] = st
             prev = d
-        eval_dir = out / "rows" / rid / "eval"
-        ov = [*cfg.eval.overrides, *row.eval_overrides, f"ckpt={override_value(prev)}",
-              f"output_dir={override_value(eval_dir)}", f"name={override_value(name)}",
-              f"control={'true' if cfg.control.enabled else 'false'}", "shuffle_images=false"]
-        ev = build_step(f"rows/{rid}/eval", "eval", f"rows.{rid} (eval)", cfg.eval.config, ov, eval_dir)
+        def eval_step(folder: str, control: bool) -> Step:
+            d = out / "rows" / rid / folder
+            ov = [*cfg.eval.overrides, *row.eval_overrides, f"ckpt={override_value(prev)}",
+                  f"output_dir={override_value(d)}", f"name={override_value(name)}",
+                  f"control={'true' if control else 'false'}", "shuffle_images=false"]
+            return build_step(f"rows/{rid}/{folder}", "eval", f"rows.{rid} ({folder})", cfg.eval.config, ov, d)
+
+        every_row = cfg.control.enabled and cfg.control.rows == "all"
+        ev = eval_step("eval", control=every_row)
         ev.deps = deps
         plan.steps.append(ev)
-        plan.eval_dir = eval_dir
+        plan.eval_dir = eval_dir = ev.out_dir
+        plan.control_dir = eval_dir if every_row else None
         steps[ev.key] = ev
+        if cfg.control.enabled and not every_row:
+            plan.control_step = eval_step("control", control=True)
+            plan.control_step.deps = [ev]  # starts from ev's predictions: stale when ev is made again
     # Fine-tunes must start from the LLM the other rows use, or the rows do not differ in one thing only.
     if base_llm_name is not None:
         for st in steps.values():
@@ -548,12 +568,13 @@ def _load_script(script: str):
     return module
 
 
-def run_step(title: str, step: Step, isolation: str = "subprocess", redo_under: Path | None = None
-             ) -> dict[str, Any]:
+def run_step(title: str, step: Step, isolation: str = "subprocess", redo_under: Path | None = None,
+             prepare: Callable[[Step], None] | None = None) -> dict[str, Any]:
     """Run one entry point unless its artefact is complete; returns {"status": "ran"|"reused", "seconds", ...}.
 
     A finished artefact whose recorded config differs raises AblationError, or, when `redo_under` is a folder
-    holding the step's output folder, is deleted and made again.
+    holding the step's output folder, is deleted and made again. `prepare(step)` runs just before the entry point
+    (not when the artefact is reused).
     """
     kind = KINDS[step.kind]
     print(f"\n=== {title}: {step.key}", flush=True)
@@ -568,8 +589,10 @@ def run_step(title: str, step: Step, isolation: str = "subprocess", redo_under: 
     elif kind.done(step.out_dir):
         print(f"    already done ({step.out_dir}); reusing it, no retraining", flush=True)
         return {"status": "reused", "seconds": 0.0, "recorded_seconds": (record or {}).get("seconds")}
-    print("    $ " + " ".join(["python", *[str(c) for c in step.command]]), flush=True)
     t0 = time.perf_counter()
+    if prepare is not None:
+        prepare(step)
+    print("    $ " + " ".join(["python", *[str(c) for c in step.command]]), flush=True)
     if isolation == "subprocess":
         rc = subprocess.run([sys.executable, *step.command], check=False).returncode
         if rc != 0:
@@ -588,9 +611,45 @@ def run_step(title: str, step: Step, isolation: str = "subprocess", redo_under: 
     return {"status": "ran", "seconds": seconds, "recorded_seconds": seconds}
 
 
+def seed_control_predictions(row_eval: Step, control: Step) -> bool:
+    """Start the control step from the row eval's predictions, so it generates only the shuffled-image run.
+
+    Only when the two configs are the same but for `control` and `output_dir` (the same checkpoint, split, prompt
+    and decoding: the eval's outputs are deterministic, so regenerating would write the same file) and the control
+    folder has no predictions of its own yet. Returns whether it copied them.
+    """
+    from xraygpt.eval.generate import PREDICTIONS_NAME
+
+    src, dst = row_eval.out_dir / PREDICTIONS_NAME, control.out_dir / PREDICTIONS_NAME
+    same = replace(control.resolved, control=row_eval.resolved.control, output_dir=row_eval.resolved.output_dir)
+    if dst.exists() or not src.is_file() or not _eval_done(row_eval.out_dir) or same != row_eval.resolved:
+        return False
+    control.out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.copyfile(src, tmp)
+    tmp.replace(dst)  # whole or absent: a half-copied file would pass for a resumable run
+    return True
+
+
 # -------------------------------------------------------------------------------------------------- tables
 def _read_table(eval_dir: Path) -> dict[str, Any]:
     return json.loads((eval_dir / "table.json").read_text())
+
+
+def pick_best(plan: Plan, metric: str) -> RowPlan | None:
+    """The evaluated row with the highest `metric` in its eval table (ties: the first in table order)."""
+    best, best_value = None, None
+    for r in plan.rows:
+        if r.skipped:
+            continue
+        value = _val(_read_table(r.eval_dir)["runs"][0]["metrics"].get(metric))
+        if value is None:
+            raise AblationError(f"control.metric '{metric}' is not in the eval table of row '{r.id}' "
+                                f"({r.eval_dir / 'table.json'}); choose a metric key the eval writes (e.g. "
+                                "ce_micro_f1_14, rougeL) or add its group to the eval config's metrics")
+        if best_value is None or value > best_value:
+            best, best_value = r, value
+    return best
 
 
 def _metrics(run: dict[str, Any], keys: list[str]) -> dict[str, dict | None]:
@@ -626,42 +685,44 @@ def _fmt_delta(d: dict | None) -> str:
 def collect(cfg: AblationConfig, plan: Plan, timings: list[dict[str, Any]], total_seconds: float) -> dict[str, Any]:
     """The ablation report from each row's eval table.json (values and CIs as the eval wrote them)."""
     keys = list(dict.fromkeys([*cfg.metrics, cfg.control.metric, *cfg.targets.vs_control, *cfg.targets.vs_baseline]))
-    rows, tables = [], {}
+    best_plan = pick_best(plan, cfg.control.metric)
+    rows, control_tables = [], {}
     for r in plan.rows:
         entry: dict[str, Any] = {"id": r.id, "name": r.name, "encoder": r.encoder, "llm": r.llm}
         if r.skipped:
             rows.append({**entry, "status": "skipped", "reason": r.skipped})
             continue
-        table = _read_table(r.eval_dir)
-        tables[r.id] = table
-        main = table["runs"][0]
+        main = _read_table(r.eval_dir)["runs"][0]
         entry.update(status="evaluated", table=str(r.eval_dir / "table.json"), n=main.get("n"),
                      metrics=_metrics(main, keys))
-        if cfg.control.enabled and len(table["runs"]) > 1:
+        if cfg.control.enabled and r.control_dir is not None:
+            control_tables[r.id] = table = _read_table(r.control_dir)
+            if len(table["runs"]) < 2:
+                raise AblationError(f"{r.control_dir / 'table.json'} has no shuffled-image run (its eval ran with "
+                                    "control=false); delete that folder and rerun")
+            if _metrics(table["runs"][0], keys) != entry["metrics"]:  # the same predictions, scored alike
+                raise AblationError(f"row '{r.id}': {r.control_dir / 'table.json'} does not hold the row's own "
+                                    f"predictions (its first run differs from {entry['table']}); delete "
+                                    f"{r.control_dir} and rerun")
             entry["shuffled_metrics"] = _metrics(table["runs"][1], keys)
         rows.append(entry)
-    evaluated = [r for r in rows if r["status"] == "evaluated"]
-    missing = [r["id"] for r in evaluated if _val(r["metrics"].get(cfg.control.metric)) is None]
-    if missing:
-        raise AblationError(f"control.metric '{cfg.control.metric}' is not in the eval tables of rows {missing}; "
-                            "choose a metric key the eval writes (e.g. ce_micro_f1_14, rougeL) or add its group to "
-                            "the eval config's metrics")
-    best = max(evaluated, key=lambda r: r["metrics"][cfg.control.metric]["value"]) if evaluated else None
+    best = next((e for e in rows if best_plan is not None and e["id"] == best_plan.id), None)
     report: dict[str, Any] = {"name": cfg.name, "output_dir": cfg.output_dir, "metrics": cfg.metrics,
                               "best_by": cfg.control.metric, "best_row": best["id"] if best else None, "rows": rows}
     control = None
     if best is not None and cfg.control.enabled:
-        runs = tables[best["id"]]["runs"]
-        if len(runs) < 2:
-            raise AblationError(f"the eval table of row '{best['id']}' has no shuffled-image run; the control needs "
-                                "the eval's control=true")
-        control = {"name": f"{best['name']}, shuffled images (control)", "of_row": best["id"], "n": runs[1].get("n"),
-                   "table": best["table"], "metrics": _metrics(runs[1], keys)}
+        if best["id"] not in control_tables:
+            raise AblationError(f"the best row '{best['id']}' has no shuffled-image control run")
+        table = control_tables[best["id"]]
+        control = {"name": f"{best['name']}, shuffled images (control)", "of_row": best["id"],
+                   "n": table["runs"][1].get("n"), "table": str(best_plan.control_dir / "table.json"),
+                   "metrics": _metrics(table["runs"][1], keys)}
         report["control"] = control
     deltas: dict[str, dict[str, Any]] = {}
     if best is not None and control is not None:
-        best_runs = tables[best["id"]]["runs"]
-        paired = next((p for p in tables[best["id"]].get("paired", []) if p.get("run") == best_runs[1]["name"]), {})
+        best_runs = control_tables[best["id"]]["runs"]
+        paired = next((p for p in control_tables[best["id"]].get("paired", [])
+                       if p.get("run") == best_runs[1]["name"]), {})
         deltas["best_minus_control"] = {}
         for k in keys:
             a, b = _val(best["metrics"].get(k)), _val(control["metrics"].get(k))
@@ -672,7 +733,7 @@ def collect(cfg: AblationConfig, plan: Plan, timings: list[dict[str, Any]], tota
             if pm and pm.get("ci_low") is not None:  # the eval's paired test is control - best: negate it
                 d.update(ci_low=0.0 - pm["ci_high"], ci_high=0.0 - pm["ci_low"], p_value=pm.get("p_value"))
             deltas["best_minus_control"][k] = d
-    base = next((r for r in evaluated if r["id"] == cfg.targets.baseline_row), None)
+    base = next((r for r in rows if r["status"] == "evaluated" and r["id"] == cfg.targets.baseline_row), None)
     if best is not None and base is not None:
         deltas["best_minus_baseline"] = {}
         for k in keys:
@@ -769,10 +830,22 @@ def run_ablation(cfg: AblationConfig) -> dict[str, Any]:
     for r in plan.rows:
         print(f"  {r.name}: encoder {r.encoder}, LLM {r.llm}" + (f"  [skipped: {r.skipped}]" if r.skipped else ""))
     timings = []
+    redo_under = out if cfg.on_changed == "redo" else None
+    control_later = any(r.control_step is not None for r in plan.rows)
+    n = len(plan.steps) + control_later
     for i, step in enumerate(plan.steps, 1):
-        res = run_step(f"[{i}/{len(plan.steps)}]", step, cfg.isolation,
-                       redo_under=out if cfg.on_changed == "redo" else None)
+        res = run_step(f"[{i}/{n}]", step, cfg.isolation, redo_under=redo_under)
         timings.append({"step": step.key, **res})
+    best = pick_best(plan, cfg.control.metric) if control_later else None
+    if best is not None and best.control_step is not None:  # control.rows=best: only now is the best row known
+        def seed(step: Step) -> None:
+            if seed_control_predictions(step.deps[0], step):
+                print(f"    best row '{best.id}': starting from the predictions in {step.deps[0].out_dir}; only the "
+                      "shuffled-image run is generated", flush=True)
+
+        res = run_step(f"[{n}/{n}]", best.control_step, cfg.isolation, redo_under=redo_under, prepare=seed)
+        timings.append({"step": best.control_step.key, **res})
+        best.control_dir = best.control_step.out_dir
     report = collect(cfg, plan, timings, time.perf_counter() - t0)
     md = to_markdown(report)
     out.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,7 @@ from xraygpt.eval.predictions import _drop_partial_last_line, append_predictions
 from xraygpt.model import GenerationConfig, ModelConfig, XrayGPT
 
 log = logging.getLogger(__name__)
+PREDICTIONS_NAME = "predictions.jsonl"  # in output_dir; the shuffled-image control's in output_dir/control
 
 
 @dataclass
@@ -154,7 +155,7 @@ def generate_predictions(cfg: EvalConfig, model: XrayGPT | None = None) -> Path:
         raise RuntimeError("device=cuda but no GPU is visible; use device=cpu")
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    preds_path = out_dir / "predictions.jsonl"
+    preds_path = out_dir / PREDICTIONS_NAME
     model = model or load_model(cfg.ckpt, cfg.model)
     model.to(device).eval()
     llm_dtype = use_compute_dtype(model, cfg.compute_dtype)

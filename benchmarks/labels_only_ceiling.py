@@ -15,7 +15,8 @@ Scored as the ablation scores a row: ROUGE-L F1 on the first `limit` test films,
 the film the shuffled-image control gives it (the eval's derangement), answers cut at `max_tokens` tokens of
 SmolLM2's tokenizer (the eval's max_new_tokens). The gap has a paired 95% bootstrap interval.
 
-With `--row-eval DIR` (an ablation row's eval folder, e.g. outputs/ablation/embedded/rows/radllm/eval) it also
+With `--row-eval DIR` (an eval folder with its shuffled-image control: the ablation's best row's control step,
+e.g. outputs/ablation/embedded/rows/radllm/control, or any row's eval folder with control.rows=all) it also
 splits that row's own R-L by the film's label (normal / abnormal) and sets it beside the "No Finding" answer
 written for every film: where a row's report for an abnormal film scores below that one normal answer, the text the
 row writes for findings costs R-L. Writes numbers only: the IU reports are CC BY-NC-ND.
@@ -86,6 +87,9 @@ def row_split(eval_dir: Path, images: dict, normal: str | None = None) -> dict:
     """A row's R-L on normal and abnormal films, matched and shuffled (and their gap), beside the normal answer
     for every film when `normal` is given."""
     own = read_predictions(eval_dir / "predictions.jsonl")
+    if not (eval_dir / "control" / "predictions.jsonl").is_file():
+        raise FileNotFoundError(f"{eval_dir}: no control/predictions.jsonl; give an eval folder run with control=true "
+                                "(in an ablation: rows/<best row>/control, or rows/<row>/eval with control.rows=all)")
     ctrl = read_predictions(eval_dir / "control" / "predictions.jsonl")
     if own.ids != ctrl.ids:
         raise ValueError(f"{eval_dir}: predictions and control/predictions list different films")
@@ -112,7 +116,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--limit", type=int, default=200, help="first N test films (the ablation uses 200)")
     parser.add_argument("--max-tokens", type=int, default=64, help="cut answers here (the eval's max_new_tokens)")
     parser.add_argument("--resamples", type=int, default=1000)
-    parser.add_argument("--row-eval", default=None, help="an ablation row's eval folder to split by normal/abnormal")
+    parser.add_argument("--row-eval", default=None,
+                        help="an eval folder with control/ (e.g. an ablation's rows/<best>/control) to split by "
+                             "normal/abnormal")
     parser.add_argument("--data", default=None, help="an embedded-format dataset root, e.g. a --captions rules build "
                                                       "(default: the embedded build)")
     parser.add_argument("--out", default="benchmarks/results/labels_only_ceiling.json")

@@ -176,12 +176,14 @@ def test_radiology_conversation_kinds_select_what_is_built(embedded80, tmp_path)
 
 
 def test_mesh_slot_names_each_drawn_finding_with_side_and_zone(embedded80, tmp_path):
+    granuloma = "Calcified Granuloma/lung/upper lobe/right"
     rec = rc.ReportRecord("x", "A report.", ("Lung Lesion", "Pleural Effusion"), True,
-                          tags=("Calcified Granuloma/lung/upper lobe/right", "Pleural Effusion/left/small",
-                                "Technical Quality of Image Unsatisfactory", "Calcified Granuloma/lung/upper lobe/right"))
+                          tags=(granuloma, "Pleural Effusion/left/small", "Technical Quality of Image Unsatisfactory",
+                                granuloma))
     assert rc.findings_phrase(rec) == "lung lesion and pleural effusion"
     # each drawn tag once, in order; image quality is not drawn (the image cannot show it); severity is left out
-    assert rc.findings_phrase(rec, "mesh") == "calcified granuloma in the right upper lobe and pleural effusion in the left"
+    assert rc.findings_phrase(rec, "mesh") == \
+        "calcified granuloma in the right upper lobe and pleural effusion in the left"
     normal = rc.ReportRecord("y", "Clear.", ("No Finding",), True, tags=("normal",))
     assert rc.findings_phrase(normal, "mesh") == rc.findings_phrase(normal) == "no abnormality"
     out = tmp_path / "mesh.json"

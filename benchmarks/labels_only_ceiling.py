@@ -86,10 +86,10 @@ def with_findings(normal: str, tags: Sequence[str]) -> str:
 def row_split(eval_dir: Path, images: dict, normal: str | None = None) -> dict:
     """A row's R-L on normal and abnormal films, matched and shuffled (and their gap), beside the normal answer
     for every film when `normal` is given."""
-    own = read_predictions(eval_dir / "predictions.jsonl")
     if not (eval_dir / "control" / "predictions.jsonl").is_file():
         raise FileNotFoundError(f"{eval_dir}: no control/predictions.jsonl; give an eval folder run with control=true "
                                 "(in an ablation: rows/<best row>/control, or rows/<row>/eval with control.rows=all)")
+    own = read_predictions(eval_dir / "predictions.jsonl")
     ctrl = read_predictions(eval_dir / "control" / "predictions.jsonl")
     if own.ids != ctrl.ids:
         raise ValueError(f"{eval_dir}: predictions and control/predictions list different films")

@@ -203,6 +203,27 @@ def test_tiny_ablation_end_to_end_then_rerun_reuses_everything(ablation_yaml, ca
     assert weights.stat().st_mtime_ns == mtime
     assert again["rows"] == saved["rows"] and again["control"] == saved["control"]
 
+    # the best row changes (here: the best row is left out): the new best row gets its own control, from its own
+    # predictions; back to both rows, the first best row's control is reused as it was
+    alone = run_ablation(load_ablation_config(ablation_yaml, [f"rows.{best}.enabled=false"]))
+    assert alone["best_row"] == other and _ran(alone) == [f"rows/{other}/control"]
+    assert (out / "rows" / other / "control" / "predictions.jsonl").read_bytes() == \
+        (out / "rows" / other / "eval" / "predictions.jsonl").read_bytes()
+    assert alone["control"]["table"].endswith(f"rows/{other}/control/table.json")
+    both = run_ablation(load_ablation_config(ablation_yaml))
+    assert _ran(both) == [] and both["control"] == saved["control"] and both["deltas"] == saved["deltas"]
+
+    # a control table whose first run is not the row's own predictions is refused, naming both tables
+    control_table = out / "rows" / best / "control" / "table.json"
+    control_text = control_table.read_text()
+    tampered = json.loads(control_text)
+    tampered["runs"][0]["metrics"]["rougeL"]["value"] += 0.01
+    control_table.write_text(json.dumps(tampered))
+    with pytest.raises(AblationError, match=rf"row '{best}': .*rows/{best}/control/table.json does not hold the row's "
+                                            rf"own predictions .*rows/{best}/eval/table.json"):
+        run_ablation(load_ablation_config(ablation_yaml))
+    control_table.write_text(control_text)
+
     # a record that lists keys at their default (as older versions wrote it, or before a key existed) still matches
     record_file = out / "rows" / "radllm" / "stage1" / STEP_RECORD
     record = json.loads(record_file.read_text())
@@ -263,12 +284,17 @@ def test_tiny_ablation_end_to_end_then_rerun_reuses_everything(ablation_yaml, ca
     # best row's control is the same as the best-only control's, to the last digit
     every = run_ablation(load_ablation_config(ablation_yaml, [*changed, "control.rows=all", "on_changed=redo"]))
     assert _ran(every) == ["rows/baseline/eval", "rows/radllm/eval"]
-    assert every["best_row"] == again["best_row"] and every["rows"][0]["metrics"] == again["rows"][0]["metrics"]
+    assert every["best_row"] == again["best_row"]
+    assert [r.get("metrics") for r in every["rows"]] == [r.get("metrics") for r in again["rows"]]
     assert every["control"]["metrics"] == again["control"]["metrics"]
     assert every["deltas"] == again["deltas"]
     assert all("shuffled_metrics" in r for r in every["rows"] if r["status"] == "evaluated")
     assert "Image contribution per row" in every["markdown"] and "| Baseline | " in every["markdown"].split(
         "Image contribution per row")[1]
+    # back to control.rows=best, those evals are refused (they hold more than a best-only eval) with the way out
+    with pytest.raises(AblationError, match=r"rows/baseline/eval: .*control \(was True, now False\).*"
+                                            r"control\.rows=all reuses it"):
+        run_ablation(load_ablation_config(ablation_yaml, changed))
 
 
 def test_control_starts_from_the_row_predictions_only_when_the_configs_match(step_yamls, tmp_path):
@@ -286,10 +312,21 @@ def test_control_starts_from_the_row_predictions_only_when_the_configs_match(ste
     assert not seed_control_predictions(row_eval, other) and not other.out_dir.exists()  # other decoding
     assert seed_control_predictions(row_eval, control)
     assert (control.out_dir / "predictions.jsonl").read_text() == (row_eval.out_dir / "predictions.jsonl").read_text()
-    (control.out_dir / "predictions.jsonl").write_text("")
-    assert not seed_control_predictions(row_eval, control)  # its own (partial) predictions are kept
-    assert (control.out_dir / "predictions.jsonl").read_text() == ""
+    # seeded before and killed during its shuffled run: resumed as it is
+    (control.out_dir / "control").mkdir()
+    (control.out_dir / "control" / "predictions.jsonl").write_text('{"image_id": "a", "prediction": "x"}\n')
+    assert not seed_control_predictions(row_eval, control)
+    assert (control.out_dir / "control" / "predictions.jsonl").is_file()
+    # its main predictions are not the row's (the row was evaluated again since): emptied, then seeded anew
+    (row_eval.out_dir / "predictions.jsonl").write_text('{"image_id": "a", "prediction": "no effusion"}\n')
+    assert seed_control_predictions(row_eval, control)
+    assert (control.out_dir / "predictions.jsonl").read_text() == (row_eval.out_dir / "predictions.jsonl").read_text()
     assert sorted(p.name for p in control.out_dir.iterdir()) == ["predictions.jsonl"]
+    # a finished control is never touched
+    (control.out_dir / "table.json").write_text(json.dumps({"runs": [{"name": "r"}, {"name": "r (shuffled)"}]}))
+    (row_eval.out_dir / "predictions.jsonl").write_text('{"image_id": "a", "prediction": "cardiomegaly"}\n')
+    assert not seed_control_predictions(row_eval, control)
+    assert "no effusion" in (control.out_dir / "predictions.jsonl").read_text()
 
 
 def test_bad_row_config_names_the_key(ablation_yaml):
@@ -334,6 +371,12 @@ def test_embedded_ablation_plan():
     ctrl = rows["radllm"].control_step  # run after the evals, for the best row only
     assert ctrl.key not in keys and ctrl.resolved.control and ctrl.out_dir.parts[-2:] == ("radllm", "control")
     assert ctrl.resolved.generation == ev.generation and ctrl.resolved.ckpt == ev.ckpt
+    no_control = plan_ablation(load_ablation_config(EMBEDDED_YAML, ["control.enabled=false"]))
+    assert all(r.control_step is None and r.control_dir is None for r in no_control.rows)
+    assert not any(s.resolved.control for s in no_control.steps if s.kind == "eval")
+    every_row = plan_ablation(load_ablation_config(EMBEDDED_YAML, ["control.rows=all"]))
+    assert all(r.control_step is None and r.control_dir == r.eval_dir for r in every_row.rows if not r.skipped)
+    assert all(s.resolved.control for s in every_row.steps if s.kind == "eval")
 
     patch = plan_ablation(load_ablation_config(EMBEDDED_YAML, ["train.stage1.overrides=[model.encoder.feature=patch]",
                                                                "train.stage2.overrides=[model.encoder.feature=patch]"]))

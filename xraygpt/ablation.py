@@ -530,8 +530,17 @@ def _changed(step: Step, record: dict[str, Any] | None) -> str | None:
     diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
     if not diff:
         return _remade_input(step, record)
-    shown = ", ".join(f"{k} (was {have.get(k)!r}, now {want.get(k)!r})" for k in diff[:6])
-    return f"{step.key}: {step.out_dir} was made with another config, differing at {shown}" + \
+    defaults = _defaults(step)  # a key missing from one side is at its default there
+
+    def value(side: dict[str, Any], k: str) -> Any:
+        return side[k] if k in side else defaults.get(k)
+
+    shown = ", ".join(f"{k} (was {value(have, k)!r}, now {value(want, k)!r})" for k in diff[:6])
+    hint = ""
+    if step.kind == "eval" and diff == ["control"] and value(have, "control") is True:
+        hint = (" (it was evaluated with its own shuffled-image control, as before control.rows=best: "
+                "control.rows=all reuses it as it is)")
+    return f"{step.key}: {step.out_dir} was made with another config, differing at {shown}{hint}" + \
         (" ..." if len(diff) > 6 else "")
 
 
@@ -615,15 +624,22 @@ def seed_control_predictions(row_eval: Step, control: Step) -> bool:
     """Start the control step from the row eval's predictions, so it generates only the shuffled-image run.
 
     Only when the two configs are the same but for `control` and `output_dir` (the same checkpoint, split, prompt
-    and decoding: the eval's outputs are deterministic, so regenerating would write the same file) and the control
-    folder has no predictions of its own yet. Returns whether it copied them.
+    and decoding: with the eval's float32 compute on the same device, regenerating would write the same file), and
+    the row's eval is finished. An unfinished control folder holding other main predictions (a control step killed,
+    then its row evaluated again) is emptied first: its shuffled run may be of the old model too. Returns whether it
+    copied them.
     """
     from xraygpt.eval.generate import PREDICTIONS_NAME
 
     src, dst = row_eval.out_dir / PREDICTIONS_NAME, control.out_dir / PREDICTIONS_NAME
     same = replace(control.resolved, control=row_eval.resolved.control, output_dir=row_eval.resolved.output_dir)
-    if dst.exists() or not src.is_file() or not _eval_done(row_eval.out_dir) or same != row_eval.resolved:
+    if same != row_eval.resolved or not src.is_file() or not _eval_done(row_eval.out_dir) or \
+            _eval_done(control.out_dir):
         return False
+    if dst.exists():
+        if dst.read_bytes() == src.read_bytes():
+            return False  # seeded before; its shuffled run resumes
+        shutil.rmtree(control.out_dir)
     control.out_dir.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(dst.name + ".tmp")
     shutil.copyfile(src, tmp)
@@ -712,7 +728,8 @@ def collect(cfg: AblationConfig, plan: Plan, timings: list[dict[str, Any]], tota
     control = None
     if best is not None and cfg.control.enabled:
         if best["id"] not in control_tables:
-            raise AblationError(f"the best row '{best['id']}' has no shuffled-image control run")
+            raise AblationError(f"the best row '{best['id']}' has no shuffled-image control run; collect() reads it "
+                                "after run_ablation has run the row's control step (or use control.rows=all)")
         table = control_tables[best["id"]]
         control = {"name": f"{best['name']}, shuffled images (control)", "of_row": best["id"],
                    "n": table["runs"][1].get("n"), "table": str(best_plan.control_dir / "table.json"),
@@ -843,7 +860,8 @@ def run_ablation(cfg: AblationConfig) -> dict[str, Any]:
                 print(f"    best row '{best.id}': starting from the predictions in {step.deps[0].out_dir}; only the "
                       "shuffled-image run is generated", flush=True)
 
-        res = run_step(f"[{n}/{n}]", best.control_step, cfg.isolation, redo_under=redo_under, prepare=seed)
+        # wholly derived from the row's eval and checkpoint: a stale control is made again, whatever on_changed says
+        res = run_step(f"[{n}/{n}]", best.control_step, cfg.isolation, redo_under=out, prepare=seed)
         timings.append({"step": best.control_step.key, **res})
         best.control_dir = best.control_step.out_dir
     report = collect(cfg, plan, timings, time.perf_counter() - t0)

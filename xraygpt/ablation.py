@@ -524,13 +524,13 @@ def _changed(step: Step, record: dict[str, Any] | None) -> str | None:
     if record is None:
         return None  # made by hand, or by an older version: trusted as it is
     # records of older versions list keys at their default too; compare like with like
-    want, have = _identity(step), _without_defaults(record.get("identity", {}), _defaults(step))
+    defaults = _defaults(step)  # (a key missing from one side below is at its default there)
+    want, have = _identity(step), _without_defaults(record.get("identity", {}), defaults)
     if EMBEDDED_DATA not in have:  # recorded before the data's identity was (the raw captions of then, as now)
         want.pop(EMBEDDED_DATA, None)
     diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
     if not diff:
         return _remade_input(step, record)
-    defaults = _defaults(step)  # a key missing from one side is at its default there
 
     def value(side: dict[str, Any], k: str) -> Any:
         return side[k] if k in side else defaults.get(k)
@@ -854,7 +854,7 @@ def run_ablation(cfg: AblationConfig) -> dict[str, Any]:
         res = run_step(f"[{i}/{n}]", step, cfg.isolation, redo_under=redo_under)
         timings.append({"step": step.key, **res})
     best = pick_best(plan, cfg.control.metric) if control_later else None
-    if best is not None and best.control_step is not None:  # control.rows=best: only now is the best row known
+    if best is not None:  # control.rows=best (every runnable row has a control step): only now is the best known
         def seed(step: Step) -> None:
             if seed_control_predictions(step.deps[0], step):
                 print(f"    best row '{best.id}': starting from the predictions in {step.deps[0].out_dir}; only the "

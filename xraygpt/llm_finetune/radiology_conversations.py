@@ -268,8 +268,7 @@ def write_radiology_conversations(dataset_root: str | Path, split: str, out_file
     atomic_write_text(out_file, json.dumps(conversations, ensure_ascii=False, indent=1) + "\n")
     turns = sum(len(c["conversations"]) // 2 for c in conversations)
     stats = {"file": str(out_file), "split": split, "seed": seed, "kinds": list(kinds), "slot": slot,
-             "version": CONV_VERSION,
-             "reports": len(records),
+             "version": CONV_VERSION, "reports": len(records),
              "conversations": len(conversations),
              "write_ups": sum(c["id"].endswith(WRITE_SUFFIX) for c in conversations), "doctor_turns": turns,
              "reports_without_question": unused,
